@@ -1,0 +1,3 @@
+"""flyfs: a distributed parallel file system in Python, in the lineage of 3FS."""
+
+__version__ = "0.1.0"

@@ -14,6 +14,10 @@ gRPC protos (as packaged by aetcd, which works with current grpcio/protobuf):
   --max-txn-ops (default 128) or a bigger request than --max-request-bytes
   (default 1.5 MiB) raises TransactionTooLarge before anything is sent: it is
   never committed in parts.
+- Reads are `serializable` (served by the member without a quorum round):
+  a stale read can only make the commit's compares fail and the transaction
+  retry, never commit on stale data. (A read-only transaction commits nothing:
+  on a multi-member cluster it sees a consistent snapshot that may lag.)
 """
 from __future__ import annotations
 
@@ -112,12 +116,14 @@ class EtcdEngine(Engine):
     async def _get(self, st: _State, keys, snapshot):
         p = self.prefix
         if len(keys) == 1:
-            resp = await self._call("Range", pb.RangeRequest(key=p + keys[0], revision=st.rev))
+            resp = await self._call("Range", pb.RangeRequest(key=p + keys[0], revision=st.rev,
+                                                              serializable=True))
             if not st.rev:
                 st.rev = resp.header.revision
             kvs = [resp.kvs]
         else:
-            ops = [pb.RequestOp(request_range=pb.RangeRequest(key=p + k, revision=st.rev)) for k in keys]
+            ops = [pb.RequestOp(request_range=pb.RangeRequest(key=p + k, revision=st.rev, serializable=True))
+                   for k in keys]
             resp = await self._call("Txn", pb.TxnRequest(success=ops))
             if not st.rev:
                 st.rev = resp.header.revision
@@ -142,7 +148,8 @@ class EtcdEngine(Engine):
             st.ranges.append(rng)
         lo, hi = begin, end
         while True:
-            req = pb.RangeRequest(key=p + lo, range_end=p + hi, limit=SCAN_BATCH, revision=st.rev)
+            req = pb.RangeRequest(key=p + lo, range_end=p + hi, limit=SCAN_BATCH, revision=st.rev,
+                                  serializable=True)
             if reverse:
                 req.sort_order = pb.RangeRequest.DESCEND
                 req.sort_target = pb.RangeRequest.KEY

@@ -1,0 +1,28 @@
+"""flyfs data plane: chunk bytes travel here, never through gRPC.
+
+Server::
+
+    async def handler(req: net.Request) -> net.Response: ...
+    server = await net.serve(handler, host="127.0.0.1", port=0)   # server.address
+    await server.close()
+
+Client::
+
+    pool = net.ConnectionPool(connect_timeout=5.0)
+    reply = await pool.call(address, method, header, payload=(), into=None, timeout=10.0)
+    await pool.close()
+
+Transports: tcp (here), shm and rdma later behind the same interface.
+Errors: TransportError and its subclasses RequestTimeout, ProtocolError, RemoteError.
+"""
+from .frame import (MAX_HEADER, MAX_PAYLOAD, ProtocolError, RemoteError, Reply, Request,
+                    RequestTimeout, Response, TransportError)
+from .pool import ConnectionPool, parse_address
+from .rdma import rdma_available
+from .tcp import Server, serve
+
+__all__ = [
+    "serve", "Server", "ConnectionPool", "Request", "Response", "Reply",
+    "TransportError", "RequestTimeout", "ProtocolError", "RemoteError",
+    "MAX_HEADER", "MAX_PAYLOAD", "parse_address", "rdma_available",
+]

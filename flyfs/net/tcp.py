@@ -1,0 +1,530 @@
+"""TCP transport: an asyncio server and client connections speaking flyfs frames.
+
+Both ends are asyncio BufferedProtocols driven by `frame.FrameReader`, so a
+payload is received with recv_into straight into its destination (the
+caller's `into` buffer on a client, one fresh buffer per request on a server)
+and sent as a list of buffers (writelines, no join) under uvloop and
+Python >= 3.12. On the 3.11 default loop, whose writelines joins, each large
+buffer is written on its own instead.
+
+Requests on one connection are pipelined: each carries a request id, a server
+runs every request as its own task and replies in completion order.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import sys
+from typing import Awaitable, Callable
+
+from .frame import (FLAG_ERROR, FLAG_RESPONSE, HEADER, MAGIC, MAX_HEADER, MAX_PAYLOAD,
+                    VERSION, FrameHeader, FrameReader, ProtocolError, RemoteError, Reply,
+                    Request, RequestTimeout, Response, TransportError, payload_views,
+                    writable_views)
+
+__all__ = ["Server", "serve", "ClientConnection", "connect", "format_address"]
+
+log = logging.getLogger("flyfs.net")
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+_EMPTY = memoryview(b"")
+_JOIN_LIMIT = 64 << 10          # below this a frame is joined and written in one call
+_MAX_ERROR_TEXT = 4096
+_DEFAULT_MAX_INFLIGHT = 1024
+_WRITE_HIGH_WATER = 8 << 20
+
+
+def format_address(host: str, port: int) -> str:
+    """'tcp://host:port' (IPv6 hosts in brackets)."""
+    if ":" in host:
+        host = f"[{host}]"
+    return f"tcp://{host}:{port}"
+
+
+def _peer_name(transport) -> str:
+    peer = transport.get_extra_info("peername")
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer)
+
+
+class _DeadReader:
+    """Stands in for the FrameReader once a connection is being dropped."""
+
+    _scratch = memoryview(bytearray(64 << 10))
+
+    def get_buffer(self, sizehint=-1):
+        return self._scratch
+
+    def buffer_updated(self, nbytes):
+        pass
+
+    def discard_payload(self, request_id):
+        return False
+
+
+class _Connection(asyncio.BufferedProtocol):
+    """State shared by both ends: framing, zero-copy writes, flow control, closing."""
+
+    def __init__(self, max_header: int, max_payload: int):
+        self._loop = asyncio.get_running_loop()
+        self._reader = FrameReader(self._on_header, self._on_frame,
+                                   max_header=max_header, max_payload=max_payload)
+        self._max_header = max_header
+        self._max_payload = max_payload
+        self._transport = None
+        self._peer = ""
+        self._error: TransportError | None = None   # set once the connection is going away
+        self._closed = self._loop.create_future()   # resolved by connection_lost
+        self._paused = False
+        self._drain_waiters: list[asyncio.Future] = []
+        self._written = 0           # bytes handed to the transport since connect
+        self._writelines = False
+
+    # -- asyncio.BufferedProtocol
+
+    def connection_made(self, transport):
+        self._transport = transport
+        self._peer = _peer_name(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except (OSError, AttributeError):
+                pass
+        # uvloop and 3.12+ selector transports send a list of buffers with
+        # writev/sendmsg without joining them; the 3.11 default joins.
+        self._writelines = (type(transport).__module__.startswith("uvloop")
+                            or sys.version_info >= (3, 12))
+        # Payloads are megabytes: a 64 KiB high-water mark would pause on every reply.
+        transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
+
+    def get_buffer(self, sizehint):
+        return self._reader.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes):
+        try:
+            self._reader.buffer_updated(nbytes)
+        except ProtocolError as exc:
+            log.warning("net: dropping connection %s: %s", self._describe(), exc)
+            self._drop(exc)
+        except Exception as exc:  # a bug in a callback: never leave the stream half-parsed
+            log.exception("net: dropping connection %s after an internal error", self._describe())
+            self._drop(TransportError(f"internal error: {exc!r}"))
+
+    def eof_received(self):
+        return False
+
+    def pause_writing(self):
+        self._paused = True
+
+    def resume_writing(self):
+        self._paused = False
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    def connection_lost(self, exc):
+        if self._error is None:
+            reason = f": {exc}" if exc else ""
+            self._error = TransportError(f"connection {self._describe()} lost{reason}")
+        self._reader = _DeadReader()
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_exception(_copy_error(self._error))
+        try:
+            self._lost()
+        finally:
+            if not self._closed.done():
+                self._closed.set_result(None)
+
+    # -- for subclasses
+
+    def _describe(self) -> str:
+        return self._peer
+
+    def _on_header(self, fh: FrameHeader, header: bytes):
+        raise NotImplementedError
+
+    def _on_frame(self, fh: FrameHeader, header: bytes) -> None:
+        raise NotImplementedError
+
+    def _lost(self) -> None:
+        pass
+
+    # -- helpers
+
+    @property
+    def is_open(self) -> bool:
+        return self._error is None and self._transport is not None
+
+    def _drop(self, exc: TransportError) -> None:
+        """Abort the connection; pending work fails with a copy of exc."""
+        if self._error is None:
+            self._error = exc
+        self._reader = _DeadReader()
+        if self._transport is not None:
+            self._transport.abort()
+
+    async def wait_closed(self) -> None:
+        await self._closed
+
+    def _send(self, flags: int, method: int, rid: int, header: bytes,
+              payload: list, payload_len: int) -> None:
+        prefix = HEADER.pack(MAGIC, VERSION, flags, method, rid, len(header), payload_len)
+        t = self._transport
+        if self._writelines:
+            if header:
+                t.writelines([prefix, header, *payload])
+            else:
+                t.writelines([prefix, *payload])
+        elif payload_len <= _JOIN_LIMIT:
+            t.write(b"".join([prefix, header, *payload]))
+        else:
+            # Separate writes: each goes straight to send() while the socket
+            # has room, where writelines would first copy everything.
+            t.write(prefix + header)
+            for buf in payload:
+                t.write(buf)
+        self._written += len(prefix) + len(header) + payload_len
+
+    def _flushed(self, upto: int) -> bool:
+        """True once the first `upto` bytes written are out of the transport's buffer."""
+        t = self._transport
+        if t is None or self._error is not None:
+            return True         # aborted or lost: nothing more is sent from our buffers
+        return self._written - t.get_write_buffer_size() >= upto
+
+    async def _drain(self) -> None:
+        if self._paused and self._error is None:
+            w = self._loop.create_future()
+            self._drain_waiters.append(w)
+            await w
+
+
+def _copy_error(exc: TransportError) -> TransportError:
+    return type(exc)(*exc.args)
+
+
+def _error_text(exc: BaseException) -> bytes:
+    text = f"{type(exc).__name__}: {exc}".encode("utf-8", "replace")
+    return text[:_MAX_ERROR_TEXT]
+
+
+# ---------------------------------------------------------------- server
+
+class _ServerConnection(_Connection):
+    def __init__(self, server: "Server"):
+        super().__init__(server.max_header, server.max_payload)
+        self._server = server
+        self._tasks: set[asyncio.Task] = set()
+        self._payload: bytearray | None = None
+        self._reading = True
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        if self._server._closing:
+            transport.abort()
+            return
+        self._server._conns.add(self)
+
+    def _describe(self) -> str:
+        return f"from {self._peer}"
+
+    def _on_header(self, fh: FrameHeader, header: bytes):
+        if fh.flags:
+            raise ProtocolError(f"request frame with flags {fh.flags:#04x}")
+        if fh.payload_len:
+            self._payload = bytearray(fh.payload_len)
+            return [memoryview(self._payload)]
+        return None
+
+    def _on_frame(self, fh: FrameHeader, header: bytes) -> None:
+        if fh.payload_len:
+            payload = memoryview(self._payload)
+            self._payload = None
+        else:
+            payload = _EMPTY
+        req = Request(fh.method, header, payload, self._peer, fh.request_id)
+        task = self._loop.create_task(self._run(req))
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        if self._reading and len(self._tasks) >= self._server.max_inflight:
+            self._reading = False
+            self._transport.pause_reading()
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if (not self._reading and self.is_open
+                and len(self._tasks) <= self._server.max_inflight // 2):
+            self._reading = True
+            self._transport.resume_reading()
+
+    async def _run(self, req: Request) -> None:
+        server = self._server
+        try:
+            resp = await server.handler(req)
+            if not isinstance(resp, Response):
+                raise TypeError(f"handler returned {type(resp).__name__}, expected net.Response")
+            header = resp.header if type(resp.header) is bytes else bytes(resp.header)
+            payload, total = payload_views(resp.payload)
+            if len(header) > server.max_header or total > server.max_payload:
+                raise ProtocolError(
+                    f"response too large: header {len(header)} bytes, payload {total} bytes "
+                    f"(limits {server.max_header}, {server.max_payload})")
+        except (Exception, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError) and asyncio.current_task().cancelling():
+                raise   # this task is being cancelled: connection lost or server closing
+            log.warning("net: handler for method %d from %s raised %r", req.method, req.peer,
+                        exc, exc_info=log.isEnabledFor(logging.DEBUG))
+            if self.is_open:
+                self._send(FLAG_RESPONSE | FLAG_ERROR, req.method, req.request_id,
+                           _error_text(exc), [], 0)
+            return
+        if self.is_open:
+            self._send(FLAG_RESPONSE, req.method, req.request_id, header, payload, total)
+            if self._paused:
+                await self._drain()
+
+    def _lost(self) -> None:
+        self._server._conns.discard(self)
+        for task in self._tasks:
+            task.cancel()
+
+
+class Server:
+    """A listening data-plane server; `address` is 'tcp://host:port'."""
+
+    def __init__(self, handler: Handler, *, max_header: int = MAX_HEADER,
+                 max_payload: int = MAX_PAYLOAD, max_inflight: int = _DEFAULT_MAX_INFLIGHT):
+        self.handler = handler
+        self.max_header = max_header
+        self.max_payload = max_payload
+        self.max_inflight = max_inflight
+        self.host = ""
+        self.port = 0
+        self._server: asyncio.AbstractServer | None = None
+        self._conns: set[_ServerConnection] = set()
+        self._closing = False
+
+    @property
+    def address(self) -> str:
+        return format_address(self.host, self.port)
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._conns)
+
+    async def close(self) -> None:
+        """Stop listening, drop every connection and cancel running handlers."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+        conns = list(self._conns)
+        tasks = [t for c in conns for t in c._tasks]
+        for c in conns:
+            c._drop(TransportError("server closing"))
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if conns:
+            await asyncio.gather(*(c.wait_closed() for c in conns), return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def __aenter__(self) -> "Server":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    def __repr__(self):
+        return f"<net.Server {self.address} connections={len(self._conns)}>"
+
+
+async def serve(handler: Handler, host: str = "127.0.0.1", port: int = 0, *,
+                max_header: int = MAX_HEADER, max_payload: int = MAX_PAYLOAD,
+                max_inflight: int = _DEFAULT_MAX_INFLIGHT, backlog: int = 1024) -> Server:
+    """Listen on host:port (0 picks a free port) and serve `handler` for every request.
+
+    Requests on a connection run concurrently (at most max_inflight at once,
+    then reading pauses); a handler exception becomes a RemoteError at the
+    caller. A connection sending a bad or oversized frame is dropped alone.
+    """
+    loop = asyncio.get_running_loop()
+    server = Server(handler, max_header=max_header, max_payload=max_payload,
+                    max_inflight=max_inflight)
+    server._server = await loop.create_server(
+        lambda: _ServerConnection(server), host, port, backlog=backlog, reuse_address=True)
+    sockname = server._server.sockets[0].getsockname()
+    server.host, server.port = sockname[0], sockname[1]
+    return server
+
+
+# ---------------------------------------------------------------- client
+
+class _Pending:
+    __slots__ = ("fut", "method", "views", "capacity", "into", "buf")
+
+    def __init__(self, fut, method, views, capacity, into):
+        self.fut = fut
+        self.method = method
+        self.views = views          # list of byte views, or None to allocate on arrival
+        self.capacity = capacity
+        self.into = into
+        self.buf = None
+
+
+class ClientConnection(_Connection):
+    """One client connection; many requests in flight, matched by request id."""
+
+    def __init__(self, address: str, max_header: int = MAX_HEADER,
+                 max_payload: int = MAX_PAYLOAD, on_close: Callable | None = None):
+        super().__init__(max_header, max_payload)
+        self.address = address
+        self._pending: dict[int, _Pending] = {}
+        self._next_id = 1
+        self._on_close = on_close
+
+    def _describe(self) -> str:
+        return f"to {self.address}"
+
+    @property
+    def closed(self) -> bool:
+        return not self.is_open
+
+    @property
+    def inflight(self) -> int:
+        return len(self._pending)
+
+    async def call(self, method: int, header: bytes, payload=(), into=None,
+                   timeout: float | None = 10.0) -> Reply:
+        """Send one request and wait for its reply (see ConnectionPool.call)."""
+        if self._error is not None or self._transport is None:
+            raise _copy_error(self._error) if self._error else TransportError(
+                f"connection {self._describe()} is not open")
+        if type(header) is not bytes:
+            header = bytes(header)
+        if len(header) > self._max_header:
+            raise ProtocolError(f"request header of {len(header)} bytes exceeds the "
+                                f"{self._max_header}-byte limit")
+        if not 0 <= method <= 0xFFFF:
+            raise ValueError(f"method {method} out of range 0..65535")
+        bufs, plen = payload_views(payload)
+        if plen > self._max_payload:
+            raise ProtocolError(f"request payload of {plen} bytes exceeds the "
+                                f"{self._max_payload}-byte limit")
+        if into is None:
+            views, capacity = None, 0
+        else:
+            views, capacity = writable_views(into)
+        rid = self._next_id
+        self._next_id = rid + 1
+        fut = self._loop.create_future()
+        self._pending[rid] = _Pending(fut, method, views, capacity, into)
+        try:
+            self._send(0, method, rid, header, bufs, plen)
+        except BaseException:
+            del self._pending[rid]
+            raise
+        end = self._written
+        timer = (self._loop.call_later(timeout, self._expire, rid, timeout)
+                 if timeout is not None else None)
+        try:
+            return await fut
+        except BaseException:
+            if self._pending.pop(rid, None) is not None:       # cancelled by our caller
+                self._reader.discard_payload(rid)
+            if plen and not self._flushed(end):
+                # The transport still references the caller's payload buffers,
+                # which the caller may now reuse: never let them go out later.
+                self._drop(TransportError(
+                    f"connection {self._describe()} dropped: request {rid} abandoned "
+                    f"while its payload was still queued"))
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _expire(self, rid: int, timeout: float) -> None:
+        p = self._pending.pop(rid, None)
+        if p is None:
+            return
+        self._reader.discard_payload(rid)
+        if not p.fut.done():
+            p.fut.set_exception(RequestTimeout(
+                f"request {rid} (method {p.method}) {self._describe()} timed out after {timeout:g}s"))
+
+    def _on_header(self, fh: FrameHeader, header: bytes):
+        if not fh.flags & FLAG_RESPONSE:
+            raise ProtocolError(f"server sent a request frame (flags {fh.flags:#04x})")
+        n = fh.payload_len
+        p = self._pending.get(fh.request_id)
+        if p is None or not n or fh.flags & FLAG_ERROR:
+            return None         # a late reply to a forgotten request: discard
+        if p.views is None:
+            p.buf = bytearray(n)
+            return [memoryview(p.buf)]
+        if n > p.capacity:
+            raise ProtocolError(f"response payload of {n} bytes exceeds the {p.capacity}-byte "
+                                f"into buffer of request {fh.request_id}")
+        return p.views
+
+    def _on_frame(self, fh: FrameHeader, header: bytes) -> None:
+        p = self._pending.pop(fh.request_id, None)
+        if p is None or p.fut.done():
+            return
+        if fh.flags & FLAG_ERROR:
+            p.fut.set_exception(RemoteError(header.decode("utf-8", "replace")))
+            return
+        n = fh.payload_len
+        if p.views is None:
+            payload = memoryview(p.buf) if n else _EMPTY
+        elif isinstance(p.into, (list, tuple)):
+            payload = _filled(p.into, n)
+        else:
+            payload = p.views[0][:n] if n else _EMPTY
+        p.fut.set_result(Reply(header, payload, n))
+
+    def _lost(self) -> None:
+        pending, self._pending = self._pending, {}
+        for p in pending.values():
+            if not p.fut.done():
+                p.fut.set_exception(_copy_error(self._error))
+        if self._on_close is not None:
+            self._on_close(self)
+
+    async def close(self) -> None:
+        """Drop the connection; requests in flight fail with TransportError."""
+        self._drop(TransportError(f"connection {self._describe()} closed"))
+        if self._transport is not None:
+            await self._closed
+
+
+def _filled(into, n: int) -> list[memoryview]:
+    """The filled part of each buffer of a scatter `into` list, one view per buffer."""
+    out = []
+    for buf in into:
+        v = memoryview(buf).cast("B")
+        k = min(len(v), n)
+        out.append(v[:k])
+        n -= k
+    return out
+
+
+async def connect(host: str, port: int, *, max_header: int = MAX_HEADER,
+                  max_payload: int = MAX_PAYLOAD, on_close: Callable | None = None
+                  ) -> ClientConnection:
+    """Open one client connection (no timeout here: the caller bounds it)."""
+    loop = asyncio.get_running_loop()
+    address = format_address(host, port)
+    _, conn = await loop.create_connection(
+        lambda: ClientConnection(address, max_header, max_payload, on_close), host, port)
+    return conn

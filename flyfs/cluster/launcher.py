@@ -137,7 +137,7 @@ class LocalCluster:
         self._load_ports()
         deadline = time.monotonic() + timeout
         hb = ["--heartbeat-timeout", str(self.heartbeat_timeout)] if self.heartbeat_timeout else []
-        m = self._daemon("mgmtd", ["mgmtd", "--kv", self._kv_url("mgmtd"),
+        m = self._daemon("mgmtd", ["mgmtd", "--kv", self._kv_url("mgmtd"), "--id", "mgmtd-0",
                                    "--listen", self.mgmtd_address, *hb])
         wait_port(self.host, self.ports["mgmtd"], _left(deadline), m)
         for i in range(self.storage_nodes):

@@ -271,6 +271,14 @@ async def test_too_many_ops_for_engine(engine, engine_url):
         assert len(await read_all(engine)) == 500
 
 
+async def test_get_many_beyond_one_etcd_txn(engine):
+    keys = [b"g%04d" % i for i in range(300)]
+    for i in range(0, 300, 100):
+        await engine.transact(lambda t, i=i: [t.set(k, k) for k in keys[i:i + 100]])
+    got = await engine.transact(lambda t: t.get_many(keys, snapshot=True))
+    assert got == keys
+
+
 def test_unknown_url():
     with pytest.raises(KVError, match="unknown KV engine"):
         open_engine("redis://x")

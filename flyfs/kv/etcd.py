@@ -122,12 +122,16 @@ class EtcdEngine(Engine):
                 st.rev = resp.header.revision
             kvs = [resp.kvs]
         else:
-            ops = [pb.RequestOp(request_range=pb.RangeRequest(key=p + k, revision=st.rev, serializable=True))
-                   for k in keys]
-            resp = await self._call("Txn", pb.TxnRequest(success=ops))
-            if not st.rev:
-                st.rev = resp.header.revision
-            kvs = [r.response_range.kvs for r in resp.responses]
+            # One read-only Txn per max_txn_ops keys: etcd refuses bigger ones.
+            kvs = []
+            for i in range(0, len(keys), self.max_txn_ops):
+                ops = [pb.RequestOp(request_range=pb.RangeRequest(key=p + k, revision=st.rev,
+                                                                   serializable=True))
+                       for k in keys[i:i + self.max_txn_ops]]
+                resp = await self._call("Txn", pb.TxnRequest(success=ops))
+                if not st.rev:
+                    st.rev = resp.header.revision
+                kvs += [r.response_range.kvs for r in resp.responses]
         out = []
         for k, found in zip(keys, kvs):
             if found:

@@ -1,0 +1,300 @@
+"""Async client of the metadata service (flyfs meta) over gRPC.
+
+Methods mirror MetaService; each takes an optional ``user`` (a Caller: uid,
+gids) for callers that act for many users (FUSE), defaulting to the
+client's own. A failed operation raises OSError with the server's errno
+(FileNotFoundError, FileExistsError, PermissionError, ...).
+
+    async with MetaClient("127.0.0.1:8001") as meta:
+        d = await meta.mkdir(ROOT_INO, "data", 0o755)
+        f, session = await meta.create(d.ino, "a", 0o644, os.O_WRONLY)
+        await meta.close(f.ino, session, length=0)
+
+Retries: a call that cannot reach the server (UNAVAILABLE) is retried with
+the same request uuid, which makes remove and rename exactly-once; a
+mkdir/create retried after a lost answer may report EEXIST, as over NFS.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import uuid as uuidlib
+from typing import AsyncIterator
+
+import grpc
+
+from ..metaserver import wire
+from ..metaserver.perm import Caller
+from ..metaserver.schema import ROOT_INO, DirEntry, Inode, StatFs
+from ..proto import common_pb2
+from ..proto import meta_pb2 as pb
+from ..proto import meta_pb2_grpc
+
+_RETRY_CODES = (grpc.StatusCode.UNAVAILABLE,)
+
+
+def default_caller(client_id: str = "") -> Caller:
+    gids = [os.getgid()] + [g for g in os.getgroups() if g != os.getgid()]
+    return Caller(os.getuid(), tuple(gids), client_id)
+
+
+def raise_for(status) -> None:
+    if status.code:
+        raise OSError(status.code, status.message or os.strerror(status.code))
+
+
+class MetaClient:
+    """Client of one metadata server address (HOST:PORT)."""
+
+    def __init__(self, target: str, *, user: Caller | None = None, client_id: str | None = None,
+                 timeout: float = 30.0, retries: int = 5, cluster_id: str = ""):
+        self.target = target
+        self.client_id = client_id or f"{os.uname().nodename}:{os.getpid()}:{uuidlib.uuid4().hex[:8]}"
+        self.user = user or default_caller(self.client_id)
+        if not self.user.client_id:
+            self.user = Caller(self.user.uid, self.user.gids, self.client_id)
+        self.timeout = timeout
+        self.retries = retries
+        self.cluster_id = cluster_id
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: meta_pb2_grpc.MetaStub | None = None
+
+    async def __aenter__(self) -> "MetaClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close_channel()
+
+    def _stub_now(self) -> meta_pb2_grpc.MetaStub:
+        if self._stub is None:
+            self._channel = grpc.aio.insecure_channel(self.target, options=[
+                ("grpc.max_receive_message_length", 16 << 20)])
+            self._stub = meta_pb2_grpc.MetaStub(self._channel)
+        return self._stub
+
+    async def close_channel(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = self._stub = None
+
+    def _header(self, user: Caller | None, uuid: bytes):
+        who = user or self.user
+        if not who.client_id:
+            who = Caller(who.uid, who.gids, self.client_id)
+        return wire.header(who, uuid, self.cluster_id)
+
+    async def _call(self, method: str, build, user: Caller | None):
+        """Send `build(header)`, retrying unreachable-server failures with the same uuid."""
+        uuid = uuidlib.uuid4().bytes
+        request = build(self._header(user, uuid))
+        delay = 0.05
+        for attempt in range(self.retries + 1):
+            try:
+                reply = await getattr(self._stub_now(), method)(request, timeout=self.timeout)
+            except grpc.aio.AioRpcError as e:
+                if e.code() in _RETRY_CODES and attempt < self.retries:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+                    continue
+                raise OSError(errno.EIO, f"metadata server {self.target}: {e.code().name}: {e.details()}") from None
+            if hasattr(reply, "status"):
+                raise_for(reply.status)
+            return reply
+        raise AssertionError("unreachable")
+
+    async def _attr(self, method: str, build, user) -> Inode:
+        return wire.inode_of((await self._call(method, build, user)).attr)
+
+    async def _opened(self, method: str, build, user) -> tuple[Inode, bytes | None]:
+        r = await self._call(method, build, user)
+        return wire.inode_of(r.attr), r.session or None
+
+    # ---- names -------------------------------------------------------------------
+    async def lookup(self, parent: int, name, *, user: Caller | None = None) -> Inode:
+        return await self._attr("Lookup", lambda h: pb.LookupReq(header=h, parent=parent, name=_b(name)), user)
+
+    async def create(self, parent: int, name, mode: int = 0o666, flags: int = os.O_RDWR, umask: int = 0,
+                     *, user: Caller | None = None) -> tuple[Inode, bytes | None]:
+        return await self._opened("Create", lambda h: pb.CreateReq(
+            header=h, parent=parent, name=_b(name), mode=mode, flags=flags, umask=umask), user)
+
+    async def mkdir(self, parent: int, name, mode: int = 0o777, umask: int = 0, *,
+                    user: Caller | None = None) -> Inode:
+        return await self._attr("Mkdir", lambda h: pb.MkdirReq(header=h, parent=parent, name=_b(name),
+                                                               mode=mode, umask=umask), user)
+
+    async def mknod(self, parent: int, name, mode: int, rdev: int = 0, umask: int = 0, *,
+                    user: Caller | None = None) -> Inode:
+        return await self._attr("Mknod", lambda h: pb.MknodReq(header=h, parent=parent, name=_b(name),
+                                                               mode=mode, rdev=rdev, umask=umask), user)
+
+    async def symlink(self, parent: int, name, target, *, user: Caller | None = None) -> Inode:
+        return await self._attr("Symlink", lambda h: pb.SymlinkReq(header=h, parent=parent, name=_b(name),
+                                                                   target=_b(target)), user)
+
+    async def readlink(self, ino: int, *, user: Caller | None = None) -> bytes:
+        return (await self._call("Readlink", lambda h: pb.InodeReq(header=h, ino=ino), user)).target
+
+    async def link(self, ino: int, new_parent: int, new_name, *, user: Caller | None = None) -> Inode:
+        return await self._attr("Link", lambda h: pb.LinkReq(header=h, ino=ino, new_parent=new_parent,
+                                                             new_name=_b(new_name)), user)
+
+    async def unlink(self, parent: int, name, *, user: Caller | None = None) -> None:
+        await self._call("Unlink", lambda h: pb.RemoveReq(header=h, parent=parent, name=_b(name)), user)
+
+    async def rmdir(self, parent: int, name, *, user: Caller | None = None) -> None:
+        await self._call("Rmdir", lambda h: pb.RemoveReq(header=h, parent=parent, name=_b(name)), user)
+
+    async def rename(self, old_parent: int, old_name, new_parent: int, new_name, flags: int = 0, *,
+                     user: Caller | None = None) -> None:
+        await self._call("Rename", lambda h: pb.RenameReq(
+            header=h, old_parent=old_parent, old_name=_b(old_name), new_parent=new_parent,
+            new_name=_b(new_name), flags=flags), user)
+
+    async def resolve(self, path, follow: bool = True, base: int = ROOT_INO, *,
+                      user: Caller | None = None) -> Inode:
+        return await self._attr("Resolve", lambda h: pb.ResolveReq(header=h, path=_b(path), follow=follow,
+                                                                   base=base), user)
+
+    async def resolve_parent(self, path, base: int = ROOT_INO, *,
+                             user: Caller | None = None) -> tuple[Inode, bytes]:
+        r = await self._call("ResolveParent", lambda h: pb.ResolveReq(header=h, path=_b(path), base=base), user)
+        return wire.inode_of(r.attr), r.name
+
+    # ---- attributes ------------------------------------------------------------------
+    async def getattr(self, ino: int, *, user: Caller | None = None) -> Inode:
+        return await self._attr("GetAttr", lambda h: pb.InodeReq(header=h, ino=ino), user)
+
+    async def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
+                      gid: int | None = None, size: int | None = None, atime=None, mtime=None,
+                      session: bytes | None = None, user: Caller | None = None) -> Inode:
+        def build(h):
+            r = pb.SetAttrReq(header=h, ino=ino, atime=wire.timeset_msg(atime), mtime=wire.timeset_msg(mtime),
+                              session=session or b"")
+            for field, value in (("mode", mode), ("uid", uid), ("gid", gid), ("size", size)):
+                if value is not None:
+                    setattr(r, field, value)
+            return r
+        return await self._attr("SetAttr", build, user)
+
+    async def truncate(self, ino: int, length: int, session: bytes | None = None, *,
+                       user: Caller | None = None) -> Inode:
+        return await self.setattr(ino, size=length, session=session, user=user)
+
+    async def access(self, ino: int, mask: int, *, user: Caller | None = None) -> None:
+        await self._call("Access", lambda h: pb.AccessReq(header=h, ino=ino, mask=mask), user)
+
+    async def statfs(self, *, user: Caller | None = None) -> StatFs:
+        r = await self._call("Statfs", lambda h: pb.StatfsReq(header=h), user)
+        return StatFs(r.bsize, r.frsize, r.blocks, r.bfree, r.bavail, r.files, r.ffree, r.namemax)
+
+    async def set_layout(self, ino: int, chunk_size: int, stripe: int, *, user: Caller | None = None) -> Inode:
+        return await self._attr("SetLayout", lambda h: pb.SetLayoutReq(header=h, ino=ino, chunk_size=chunk_size,
+                                                                       stripe=stripe), user)
+
+    # ---- directories --------------------------------------------------------------------
+    async def readdir(self, ino: int, cursor=b"", limit: int = 0, plus: bool = False, *,
+                      user: Caller | None = None) -> tuple[list[DirEntry], bytes | None]:
+        r = await self._call("Readdir", lambda h: pb.ReaddirReq(header=h, ino=ino, cursor=_b(cursor),
+                                                                limit=limit, plus=plus), user)
+        return [wire.entry_of(e) for e in r.entries], (r.next_cursor if r.more else None)
+
+    async def readdir_all(self, ino: int, page: int = 0, plus: bool = False, *,
+                          user: Caller | None = None) -> AsyncIterator[DirEntry]:
+        cursor = b""
+        while True:
+            entries, cursor = await self.readdir(ino, cursor, page, plus, user=user)
+            for e in entries:
+                yield e
+            if cursor is None:
+                return
+
+    # ---- extended attributes --------------------------------------------------------------
+    async def getxattr(self, ino: int, name, *, user: Caller | None = None) -> bytes:
+        return (await self._call("GetXattr", lambda h: pb.XattrReq(header=h, ino=ino, name=_b(name)), user)).value
+
+    async def setxattr(self, ino: int, name, value: bytes, flags: int = 0, *, user: Caller | None = None) -> None:
+        await self._call("SetXattr", lambda h: pb.XattrReq(header=h, ino=ino, name=_b(name), value=bytes(value),
+                                                           flags=flags), user)
+
+    async def listxattr(self, ino: int, *, user: Caller | None = None) -> list[bytes]:
+        return list((await self._call("ListXattr", lambda h: pb.InodeReq(header=h, ino=ino), user)).names)
+
+    async def removexattr(self, ino: int, name, *, user: Caller | None = None) -> None:
+        await self._call("RemoveXattr", lambda h: pb.XattrReq(header=h, ino=ino, name=_b(name)), user)
+
+    # ---- files -------------------------------------------------------------------------------
+    async def open(self, ino: int, flags: int, *, user: Caller | None = None) -> tuple[Inode, bytes | None]:
+        return await self._opened("Open", lambda h: pb.OpenReq(header=h, ino=ino, flags=flags), user)
+
+    def _close_req(self, h, ino, session, length, wrote):
+        r = pb.CloseReq(header=h, ino=ino, session=session or b"", wrote=wrote)
+        if length is not None:
+            r.length = length
+        return r
+
+    async def close(self, ino: int, session: bytes | None = None, length: int | None = None,
+                    wrote: bool = False, *, user: Caller | None = None) -> Inode:
+        return await self._attr("Close", lambda h: self._close_req(h, ino, session, length, wrote), user)
+
+    async def sync(self, ino: int, session: bytes | None = None, length: int | None = None,
+                   wrote: bool = False, *, user: Caller | None = None) -> Inode:
+        return await self._attr("Sync", lambda h: self._close_req(h, ino, session, length, wrote), user)
+
+    # ---- batches ---------------------------------------------------------------------------------
+    async def batch(self, ops: list[tuple[str, dict]], *, user: Caller | None = None) -> list:
+        """Several independent operations in one RPC, run concurrently by the server.
+
+        `ops` are (name, kwargs) with name in lookup, getattr, create, mkdir,
+        unlink, rmdir, rename, close (kwargs as the request message's fields). Returns one result per op: an Inode (or
+        (Inode, session) for create), None for removals, or the OSError it
+        failed with (not raised, so one failure does not hide the others).
+        """
+        uuid_base = uuidlib.uuid4().bytes[:12]
+
+        def build(h):
+            req = pb.BatchReq()
+            for i, (name, kw) in enumerate(ops):
+                hh = common_pb2.RequestHeader()
+                hh.CopyFrom(h)
+                hh.request_uuid = uuid_base + i.to_bytes(4, "little")
+                req.ops.append(_batch_op(name, hh, kw))
+            return req
+
+        reply = await self._call("Batch", build, user)
+        out = []
+        for (name, _), res in zip(ops, reply.results):
+            r = res.attr if res.WhichOneof("result") == "attr" else res.empty
+            if r.status.code:
+                out.append(OSError(r.status.code, r.status.message))
+            elif name == "create":
+                out.append((wire.inode_of(r.attr), r.session or None))
+            elif name in ("unlink", "rmdir", "rename"):
+                out.append(None)
+            else:
+                out.append(wire.inode_of(r.attr))
+        return out
+
+
+def _batch_op(name: str, h, kw: dict) -> pb.MetaOp:
+    kw = {k: (_b(v) if k in ("name", "old_name", "new_name") else v) for k, v in kw.items()}
+    builders = {
+        "lookup": lambda: pb.MetaOp(lookup=pb.LookupReq(header=h, **kw)),
+        "getattr": lambda: pb.MetaOp(getattr=pb.InodeReq(header=h, **kw)),
+        "create": lambda: pb.MetaOp(create=pb.CreateReq(header=h, **{"mode": 0o666, "flags": os.O_RDWR, **kw})),
+        "mkdir": lambda: pb.MetaOp(mkdir=pb.MkdirReq(header=h, **{"mode": 0o777, **kw})),
+        "unlink": lambda: pb.MetaOp(unlink=pb.RemoveReq(header=h, **kw)),
+        "rmdir": lambda: pb.MetaOp(rmdir=pb.RemoveReq(header=h, **kw)),
+        "rename": lambda: pb.MetaOp(rename=pb.RenameReq(header=h, **kw)),
+        "close": lambda: pb.MetaOp(close=pb.CloseReq(header=h, **kw)),
+    }
+    if name not in builders:
+        raise ValueError(f"operation {name!r} cannot be batched; choose from {', '.join(builders)}")
+    return builders[name]()
+
+
+def _b(x) -> bytes:
+    if isinstance(x, str):
+        return os.fsencode(x)
+    return bytes(x)

@@ -1,0 +1,292 @@
+"""`flyfs meta`: the gRPC face of MetaService.
+
+The servicer only translates: request message -> MetaService call -> reply
+message; an OSError becomes Status(code=errno, message). Anything else
+(the KV unreachable, a bug) becomes EIO with a one-line message and a log
+entry, never a transport error.
+
+    flyfs meta --kv rocksdb:///var/lib/flyfs/meta --listen 127.0.0.1:8001 --chains 1,2,3,4
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import logging
+import os
+import signal
+import sys
+
+import grpc
+
+from ..kv import KVError, open_engine
+from ..proto import common_pb2, meta_pb2, meta_pb2_grpc
+from . import wire
+from .common import MetaConfig
+from .layout import static_chain_table
+from .service import MetaService
+from .storage_ops import NoStorage
+
+log = logging.getLogger("flyfs.meta")
+
+Status = common_pb2.Status
+MAX_BATCH = 1024
+
+
+def _error(e: BaseException) -> Status:
+    if isinstance(e, OSError) and e.errno:
+        return Status(code=e.errno, message=str(e.strerror or e))
+    if isinstance(e, KVError):
+        log.warning("KV error: %s", e)
+        return Status(code=errno.EIO, message=f"metadata store error: {e}")
+    log.exception("internal error in the metadata service")
+    return Status(code=errno.EIO, message=f"internal error: {type(e).__name__}: {e}")
+
+
+class MetaServicer(meta_pb2_grpc.MetaServicer):
+    """Thin forwarder from gRPC to a MetaService."""
+
+    def __init__(self, svc: MetaService):
+        self.svc = svc
+
+    async def _attr(self, coro) -> meta_pb2.AttrReply:
+        try:
+            node = await coro
+        except Exception as e:
+            return meta_pb2.AttrReply(status=_error(e))
+        return meta_pb2.AttrReply(attr=wire.attr_msg(node))
+
+    async def _opened(self, coro) -> meta_pb2.AttrReply:
+        try:
+            node, session = await coro
+        except Exception as e:
+            return meta_pb2.AttrReply(status=_error(e))
+        return meta_pb2.AttrReply(attr=wire.attr_msg(node), session=session or b"")
+
+    async def _empty(self, coro) -> meta_pb2.EmptyReply:
+        try:
+            await coro
+        except Exception as e:
+            return meta_pb2.EmptyReply(status=_error(e))
+        return meta_pb2.EmptyReply()
+
+    # ---- forwarders ------------------------------------------------------------
+    async def Lookup(self, r, context=None):
+        return await self._attr(self.svc.lookup(wire.caller_of(r.header), r.parent, r.name))
+
+    async def GetAttr(self, r, context=None):
+        return await self._attr(self.svc.getattr(wire.caller_of(r.header), r.ino))
+
+    async def SetAttr(self, r, context=None):
+        return await self._attr(self.svc.setattr(
+            wire.caller_of(r.header), r.ino,
+            mode=r.mode if r.HasField("mode") else None, uid=r.uid if r.HasField("uid") else None,
+            gid=r.gid if r.HasField("gid") else None, size=r.size if r.HasField("size") else None,
+            atime=wire.timeset_of(r.atime), mtime=wire.timeset_of(r.mtime), session=r.session or None))
+
+    async def Create(self, r, context=None):
+        return await self._opened(self.svc.create(wire.caller_of(r.header), r.parent, r.name, r.mode,
+                                                  r.flags, r.umask))
+
+    async def Mkdir(self, r, context=None):
+        return await self._attr(self.svc.mkdir(wire.caller_of(r.header), r.parent, r.name, r.mode, r.umask))
+
+    async def Mknod(self, r, context=None):
+        return await self._attr(self.svc.mknod(wire.caller_of(r.header), r.parent, r.name, r.mode,
+                                               r.rdev, r.umask))
+
+    async def Symlink(self, r, context=None):
+        return await self._attr(self.svc.symlink(wire.caller_of(r.header), r.parent, r.name, r.target))
+
+    async def Link(self, r, context=None):
+        return await self._attr(self.svc.link(wire.caller_of(r.header), r.ino, r.new_parent, r.new_name))
+
+    async def Unlink(self, r, context=None):
+        return await self._empty(self.svc.unlink(wire.caller_of(r.header), r.parent, r.name))
+
+    async def Rmdir(self, r, context=None):
+        return await self._empty(self.svc.rmdir(wire.caller_of(r.header), r.parent, r.name))
+
+    async def Rename(self, r, context=None):
+        return await self._empty(self.svc.rename(wire.caller_of(r.header), r.old_parent, r.old_name,
+                                                 r.new_parent, r.new_name, r.flags))
+
+    async def Readlink(self, r, context=None):
+        try:
+            target = await self.svc.readlink(wire.caller_of(r.header), r.ino)
+        except Exception as e:
+            return meta_pb2.ReadlinkReply(status=_error(e))
+        return meta_pb2.ReadlinkReply(target=target)
+
+    async def Readdir(self, r, context=None):
+        try:
+            entries, cursor = await self.svc.readdir(wire.caller_of(r.header), r.ino, r.cursor,
+                                                     r.limit, r.plus)
+        except Exception as e:
+            return meta_pb2.ReaddirReply(status=_error(e))
+        return meta_pb2.ReaddirReply(entries=[wire.entry_msg(e) for e in entries],
+                                     next_cursor=cursor or b"", more=cursor is not None)
+
+    async def Statfs(self, r, context=None):
+        try:
+            st = await self.svc.statfs(wire.caller_of(r.header))
+        except Exception as e:
+            return meta_pb2.StatfsReply(status=_error(e))
+        return meta_pb2.StatfsReply(bsize=st.bsize, frsize=st.frsize, blocks=st.blocks, bfree=st.bfree,
+                                    bavail=st.bavail, files=st.files, ffree=st.ffree, namemax=st.namemax)
+
+    async def GetXattr(self, r, context=None):
+        try:
+            value = await self.svc.getxattr(wire.caller_of(r.header), r.ino, r.name)
+        except Exception as e:
+            return meta_pb2.XattrReply(status=_error(e))
+        return meta_pb2.XattrReply(value=value)
+
+    async def SetXattr(self, r, context=None):
+        return await self._empty(self.svc.setxattr(wire.caller_of(r.header), r.ino, r.name, r.value, r.flags))
+
+    async def ListXattr(self, r, context=None):
+        try:
+            names = await self.svc.listxattr(wire.caller_of(r.header), r.ino)
+        except Exception as e:
+            return meta_pb2.ListXattrReply(status=_error(e))
+        return meta_pb2.ListXattrReply(names=names)
+
+    async def RemoveXattr(self, r, context=None):
+        return await self._empty(self.svc.removexattr(wire.caller_of(r.header), r.ino, r.name))
+
+    async def Open(self, r, context=None):
+        return await self._opened(self.svc.open(wire.caller_of(r.header), r.ino, r.flags))
+
+    async def Close(self, r, context=None):
+        return await self._attr(self.svc.close(wire.caller_of(r.header), r.ino, r.session or None,
+                                               r.length if r.HasField("length") else None, r.wrote))
+
+    async def Sync(self, r, context=None):
+        return await self._attr(self.svc.sync(wire.caller_of(r.header), r.ino, r.session or None,
+                                              r.length if r.HasField("length") else None, r.wrote))
+
+    async def Access(self, r, context=None):
+        return await self._empty(self.svc.access(wire.caller_of(r.header), r.ino, r.mask))
+
+    async def Resolve(self, r, context=None):
+        return await self._attr(self.svc.resolve(wire.caller_of(r.header), r.path, r.follow, r.base or 1))
+
+    async def ResolveParent(self, r, context=None):
+        try:
+            node, name = await self.svc.resolve_parent(wire.caller_of(r.header), r.path, r.base or 1)
+        except Exception as e:
+            return meta_pb2.ResolveParentReply(status=_error(e))
+        return meta_pb2.ResolveParentReply(attr=wire.attr_msg(node), name=name)
+
+    async def SetLayout(self, r, context=None):
+        return await self._attr(self.svc.set_layout(wire.caller_of(r.header), r.ino, r.chunk_size, r.stripe))
+
+    _BATCHED = {"lookup": "Lookup", "getattr": "GetAttr", "create": "Create", "mkdir": "Mkdir",
+                "unlink": "Unlink", "rmdir": "Rmdir", "rename": "Rename", "setattr": "SetAttr",
+                "close": "Close"}
+
+    async def Batch(self, r, context=None):
+        """Run every op concurrently (each its own transaction; no order among them)."""
+        async def one(op):
+            kind = op.WhichOneof("op")
+            if kind is None:
+                return meta_pb2.MetaResult(empty=meta_pb2.EmptyReply(
+                    status=Status(code=errno.EINVAL, message="empty batch entry")))
+            reply = await getattr(self, self._BATCHED[kind])(getattr(op, kind))
+            if isinstance(reply, meta_pb2.AttrReply):
+                return meta_pb2.MetaResult(attr=reply)
+            return meta_pb2.MetaResult(empty=reply)
+
+        if len(r.ops) > MAX_BATCH:
+            bad = meta_pb2.EmptyReply(status=Status(code=errno.EINVAL,
+                                                    message=f"a batch holds at most {MAX_BATCH} operations"))
+            return meta_pb2.BatchReply(results=[meta_pb2.MetaResult(empty=bad)] * len(r.ops))
+        results = await asyncio.gather(*[one(op) for op in r.ops])
+        return meta_pb2.BatchReply(results=results)
+
+
+async def start_server(svc: MetaService, listen: str = "127.0.0.1:0") -> tuple[grpc.aio.Server, int]:
+    """Start a grpc.aio server for `svc` on `listen`; returns (server, bound port)."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20),
+                                      ("grpc.max_send_message_length", 16 << 20),
+                                      ("grpc.so_reuseport", 0)])
+    meta_pb2_grpc.add_MetaServicer_to_server(MetaServicer(svc), server)
+    port = server.add_insecure_port(listen)
+    if not port:
+        raise OSError(errno.EADDRINUSE, f"cannot listen on {listen}")
+    await server.start()
+    return server, port
+
+
+def _parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="flyfs meta", description="Run a metadata server (stateless; all state in the KV).",
+        epilog="example: flyfs meta --kv rocksdb:///var/lib/flyfs/meta --listen 127.0.0.1:8001 --chains 1,2,3,4")
+    env = os.environ.get
+    p.add_argument("--kv", default=env("FLYFS_META_KV"), required=not env("FLYFS_META_KV"),
+                   help="KV engine URL: rocksdb:///DIR, etcd://HOST:PORT/PREFIX, memory://NAME [FLYFS_META_KV]")
+    p.add_argument("--listen", default=env("FLYFS_META_LISTEN", "127.0.0.1:8001"),
+                   help="HOST:PORT to serve gRPC on (default %(default)s) [FLYFS_META_LISTEN]")
+    p.add_argument("--mgmtd", default=env("FLYFS_MGMTD"), help="cluster manager address (optional) [FLYFS_MGMTD]")
+    p.add_argument("--chains", default=env("FLYFS_META_CHAINS", ""),
+                   help="static chain table (comma-separated chain ids) until mgmtd provides one [FLYFS_META_CHAINS]")
+    p.add_argument("--gc-interval", type=float, default=MetaConfig.gc_interval, help="seconds between GC passes")
+    p.add_argument("--chunk-size", type=int, default=MetaConfig.default_chunk_size, help="root directory chunk size")
+    p.add_argument("--stripe", type=int, default=MetaConfig.default_stripe, help="root directory stripe width")
+    p.add_argument("--root-mode", type=lambda x: int(x, 8), default=0o755, help="mode of a new root directory (octal)")
+    p.add_argument("--log-level", default="INFO")
+    args = p.parse_args(argv)
+    try:
+        args.chains = [int(c) for c in args.chains.split(",") if c.strip()]
+    except ValueError:
+        p.error(f"--chains must be comma-separated chain ids, got {args.chains!r}")
+    return args
+
+
+async def serve(args: argparse.Namespace) -> int:
+    chains = args.chains
+    config = MetaConfig(default_chunk_size=args.chunk_size, default_stripe=args.stripe,
+                        gc_interval=args.gc_interval)
+    engine = open_engine(args.kv)
+    svc = MetaService(engine, storage=NoStorage(), config=config,
+                      chain_table=static_chain_table(chains) if chains else None)
+    server = None
+    try:
+        await svc.format(root_mode=args.root_mode)
+        server, port = await start_server(svc, args.listen)
+        if args.mgmtd:
+            log.info("mgmtd %s given; registration with mgmtd is not wired in yet", args.mgmtd)
+        svc.start_gc()
+        host = args.listen.rsplit(":", 1)[0]
+        print(f"flyfs meta listening on {host}:{port} (kv {args.kv})", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("stopping")
+        return 0
+    finally:
+        if server is not None:
+            await server.stop(grace=2)
+        await svc.stop()
+        await engine.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        import uvloop
+        return uvloop.run(serve(args))
+    except KVError as e:
+        print(f"flyfs meta: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"flyfs meta: {e.strerror or e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

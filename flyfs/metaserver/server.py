@@ -23,7 +23,7 @@ from ..kv import KVError, open_engine
 from ..proto import common_pb2, meta_pb2, meta_pb2_grpc
 from . import wire
 from .common import MetaConfig
-from .layout import static_chain_table
+from .layout import ChainTable, static_chain_table
 from .service import MetaService
 from .storage_ops import NoStorage
 
@@ -249,16 +249,23 @@ async def serve(args: argparse.Namespace) -> int:
     config = MetaConfig(default_chunk_size=args.chunk_size, default_stripe=args.stripe,
                         gc_interval=args.gc_interval)
     engine = open_engine(args.kv)
-    svc = MetaService(engine, storage=NoStorage(), config=config,
-                      chain_table=static_chain_table(chains) if chains else None)
+    cluster = ClusterLink(args.mgmtd) if args.mgmtd else None
+    if chains:
+        table = static_chain_table(chains)
+    elif cluster:
+        table = cluster.chain_table
+    else:
+        table = None
+    svc = MetaService(engine, storage=cluster.storage_ops if cluster else NoStorage(), config=config,
+                      chain_table=table, space=cluster.space if cluster else None)
     server = None
     try:
         await svc.format(root_mode=args.root_mode)
         server, port = await start_server(svc, args.listen)
-        if args.mgmtd:
-            log.info("mgmtd %s given; registration with mgmtd is not wired in yet", args.mgmtd)
-        svc.start_gc()
         host = args.listen.rsplit(":", 1)[0]
+        if cluster:
+            await cluster.register(f"{host}:{port}")
+        svc.start_gc()
         print(f"flyfs meta listening on {host}:{port} (kv {args.kv})", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -271,7 +278,66 @@ async def serve(args: argparse.Namespace) -> int:
         if server is not None:
             await server.stop(grace=2)
         await svc.stop()
+        if cluster:
+            await cluster.close()
         await engine.close()
+
+
+class ClusterLink:
+    """What a metadata server takes from the cluster: the chain table and free
+    space from mgmtd's routing info, chunk operations through the storage
+    client, and its registration (NODE_META) kept alive by heartbeats so
+    clients find it in the routing info."""
+
+    TABLE_ID = 1
+
+    def __init__(self, mgmtd_address: str):
+        from ..client.storage_client import StorageClient
+        from ..cluster.mgmtd_client import MgmtdClient
+        from ..storage.meta_ops import ChunkStorageOps
+        self.mgmtd = MgmtdClient(mgmtd_address, retry_timeout=30.0)
+        self.storage = StorageClient(self.mgmtd)
+        self.storage_ops = ChunkStorageOps(self.storage)
+        self.node_id = 0
+        self._heartbeat: asyncio.Task | None = None
+
+    async def chain_table(self) -> ChainTable:
+        routing = await self.mgmtd.get_routing_info()
+        try:
+            return ChainTable(routing.table_version(self.TABLE_ID), routing.table(self.TABLE_ID))
+        except KeyError:
+            return ChainTable(0, ())
+
+    async def space(self) -> tuple[int, int]:
+        routing = await self.mgmtd.get_routing_info()
+        total = sum(t.total_bytes for t in routing.targets.values())
+        used = sum(t.used_bytes for t in routing.targets.values())
+        # Every byte is stored `replicas` times: report what a user can write.
+        chains = list(routing.chains.values())
+        replicas = max(1, round(sum(len(c.targets) for c in chains) / len(chains))) if chains else 1
+        return total // replicas, max(0, total - used) // replicas
+
+    async def register(self, address: str) -> None:
+        from ..proto import mgmtd_pb2
+        reply = await self.mgmtd.register_node(mgmtd_pb2.NODE_META, address)
+        self.node_id = reply.node_id
+        interval = max(0.2, reply.lease_ms / 1000 / 4) if reply.lease_ms else 1.0
+        self._heartbeat = asyncio.ensure_future(self._beat(interval))
+        log.info("registered with mgmtd as meta node %d at %s", self.node_id, address)
+
+    async def _beat(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.mgmtd.heartbeat(self.node_id)
+            except Exception as e:  # mgmtd restarting: keep trying
+                log.warning("heartbeat to mgmtd failed: %s", e)
+
+    async def close(self) -> None:
+        if self._heartbeat:
+            self._heartbeat.cancel()
+        await self.storage.close()
+        await self.mgmtd.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,12 +4,17 @@ A `Daemon` is one `python -m flyfs.cli ROLE ...` process with its own log file.
 Children ask the kernel to SIGTERM them when their parent dies
 (PR_SET_PDEATHSIG), so a `kill -9` of `flyfs up` or of a test runner never
 leaves orphaned daemons holding ports, RocksDB directories or a mount.
+
+The death signal is set by a tiny wrapper after exec, not by Popen's
+preexec_fn: preexec_fn forces a plain fork() of a parent that may run live
+gRPC threads (with GRPC_ENABLE_FORK_SUPPORT its fork handlers can abort the
+child before exec), while without it Popen uses vfork/posix_spawn, which
+runs no fork handlers. The setting survives exec; if the parent already died
+before it was set, the wrapper exits.
 """
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,12 +22,10 @@ import time
 
 PR_SET_PDEATHSIG = 1
 
-
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
+_WRAPPER = ("import ctypes, os, signal, sys; "
+            "ctypes.CDLL('libc.so.6').prctl(1, signal.SIGTERM); "
+            "os.getppid() != int(os.environ.pop('FLYFS_PARENT_PID', os.getppid())) and sys.exit(1); "
+            "os.execv(sys.executable, [sys.executable, '-m', 'flyfs.cli', *sys.argv[1:]])")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -60,9 +63,9 @@ class Daemon:
         log = open(self.log_path, "ab")
         env = {**os.environ, **(self.env or {})}
         env.setdefault("PYTHONUNBUFFERED", "1")
-        self.proc = subprocess.Popen([sys.executable, "-m", "flyfs.cli", *self.args],
-                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env, preexec_fn=_die_with_parent)
+        env["FLYFS_PARENT_PID"] = str(os.getpid())
+        self.proc = subprocess.Popen([sys.executable, "-c", _WRAPPER, *self.args],
+                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         log.close()
         return self
 

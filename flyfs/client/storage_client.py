@@ -1,0 +1,522 @@
+"""Async client of the storage daemons: chunk updates through chain heads, batch reads.
+
+    mgmtd = MgmtdClient("127.0.0.1:8000")
+    sc = StorageClient(mgmtd)
+    await sc.write(chain_id, inode, index, offset, data, chunk_size=4 << 20)
+    n = await sc.read(chain_id, inode, index, offset, length, into=buf)
+    counts = await sc.batch_read([ReadPiece(chain_id, inode, index, offset, length, buf), ...])
+    await sc.close()
+
+Routing comes from the MgmtdClient's cache, refreshed when a daemon answers
+"stale routing" or a chain has moved.
+
+Updates (write, truncate, remove) go to the chain head with the chain version
+of the cached routing and a per-client sequence number; they are retried on
+transport errors, timeouts, stale routing, a head change or a node without
+lease until `retry_timeout`. The daemons deduplicate by (client id,
+sequence), so a retry never applies twice.
+
+Reads go to one SERVING replica per piece (spread by chunk), many pieces per
+request and many requests in flight, each piece's bytes received straight
+into the caller's buffer. A piece that fails is retried elsewhere: "not
+committed" at the chain's last SERVING target, a checksum mismatch or any
+other error at another replica; a piece fails only when every replica
+reported a checksum mismatch, the input is invalid, or `retry_timeout`
+passes. A chunk that does not exist reads as 0 bytes (a hole).
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import random
+import uuid
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from crc32c import crc32c
+
+from flyfs import net
+from flyfs.cluster.chain_state import Chain, head, readable_targets
+from flyfs.cluster.mgmtd_client import MgmtdClient, MgmtdError, RoutingInfo
+from flyfs.proto import common_pb2 as SC
+from flyfs.proto import storage_pb2 as S
+from flyfs.storage import craq
+
+__all__ = ["StorageClient", "ReadPiece", "UpdateResult", "StorageClientError", "LastChunk"]
+
+log = logging.getLogger("flyfs.client.storage")
+
+_RETRY_UPDATE = {SC.STALE_ROUTING, SC.NOT_HEAD, SC.NOT_SERVING, SC.BUSY, SC.INTERNAL}
+_MAX_PIECES = 1024
+
+
+class StorageClientError(Exception):
+    """A storage request failed for good; `code` is a flyfs.StatusCode."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    @property
+    def code_name(self) -> str:
+        return SC.StatusCode.Name(self.code) if self.code in SC.StatusCode.values() else str(self.code)
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    commit_version: int   # the chunk's version after the update (0 after a remove)
+    length: int           # the chunk's length after the update
+
+
+@dataclass(frozen=True)
+class LastChunk:
+    index: int
+    length: int
+
+
+@dataclass
+class ReadPiece:
+    """[offset, offset + length) of chunk `index` of `inode`, read into `buffer`
+    (a writable buffer of at least `length` bytes)."""
+
+    chain_id: int
+    inode: int
+    index: int
+    offset: int
+    length: int
+    buffer: Any = None
+
+
+class _Retry(Exception):
+    def __init__(self, why: str, refresh: bool = False):
+        super().__init__(why)
+        self.why = why
+        self.refresh = refresh
+
+
+def _status_name(code: int) -> str:
+    return SC.StatusCode.Name(code) if code in SC.StatusCode.values() else str(code)
+
+
+class StorageClient:
+    """Client of the storage daemons of one cluster.
+
+    `mgmtd`: a MgmtdClient (shared, not closed here) or an mgmtd address (a
+    client is made and closed here). `timeout`: one request; `retry_timeout`:
+    how long an operation keeps retrying; `max_request_bytes`: bytes read per
+    batch request; `max_inflight`: requests in flight per batch read.
+    """
+
+    def __init__(self, mgmtd: MgmtdClient | str, *, pool: net.ConnectionPool | None = None,
+                 client_id: str | None = None, timeout: float = 30.0, retry_timeout: float = 60.0,
+                 max_request_bytes: int = 8 << 20, max_inflight: int = 32):
+        self._own_mgmtd = isinstance(mgmtd, str)
+        self.mgmtd = MgmtdClient(mgmtd) if isinstance(mgmtd, str) else mgmtd
+        self._own_pool = pool is None
+        self.pool = pool or net.ConnectionPool()
+        self.client_id = client_id or f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        self.timeout = timeout
+        self.retry_timeout = retry_timeout
+        self.max_request_bytes = max_request_bytes
+        self.max_inflight = max_inflight
+        self._seq = itertools.count(1)
+        self._refreshing: asyncio.Task | None = None
+
+    async def close(self) -> None:
+        if self._own_pool:
+            await self.pool.close()
+        if self._own_mgmtd:
+            await self.mgmtd.close()
+
+    async def __aenter__(self) -> "StorageClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    # ----------------------------------------------------------------- routing
+
+    def _header(self) -> SC.RequestHeader:
+        return SC.RequestHeader(cluster_id=self.mgmtd.cluster_id, client_id=self.client_id)
+
+    async def routing(self) -> RoutingInfo:
+        return await self.mgmtd.get_routing_info()
+
+    async def _refresh(self, seen: RoutingInfo | None) -> RoutingInfo:
+        """Fresh routing, unless a newer version than `seen` is already cached."""
+        cur = self.mgmtd.cached_routing
+        if cur is not None and seen is not None and cur.version > seen.version:
+            return cur
+        task = self._refreshing
+        if task is None or task.done():
+            task = self._refreshing = asyncio.get_running_loop().create_task(
+                self.mgmtd.get_routing_info(force=True))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        try:
+            return await asyncio.shield(task)
+        except MgmtdError as e:
+            # mgmtd unreachable for now: go on with what we have; the caller retries.
+            log.debug("routing refresh failed: %s", e)
+            if cur is None:
+                raise StorageClientError(SC.BUSY, f"no routing info: {e}") from None
+            return cur
+
+    @staticmethod
+    def _target_address(routing: RoutingInfo, target_id: int) -> str:
+        try:
+            return routing.address_of(target_id)
+        except KeyError:
+            raise StorageClientError(SC.NOT_FOUND, f"target {target_id} is not in routing version "
+                                     f"{routing.version}") from None
+
+    @staticmethod
+    def _address(routing: RoutingInfo, target_id: int) -> str:
+        try:
+            return routing.address_of(target_id)
+        except KeyError:
+            raise _Retry(f"target {target_id} has no node in routing version {routing.version}",
+                         refresh=True) from None
+
+    @staticmethod
+    def _chain(routing: RoutingInfo, chain_id: int) -> Chain:
+        chain = routing.chains.get(chain_id)
+        if chain is None:
+            raise _Retry(f"chain {chain_id} is not in routing version {routing.version}", refresh=True)
+        return chain
+
+    async def _retrying(self, what: str, attempt):
+        """Run `attempt(routing)` until it returns, raising _Retry to go again."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.retry_timeout
+        delay = 0.02
+        routing = await self.routing()
+        while True:
+            try:
+                return await attempt(routing)
+            except _Retry as r:
+                why, refresh = r.why, r.refresh
+            except net.RequestTimeout as e:
+                why, refresh = f"timeout: {e}", True
+            except net.TransportError as e:
+                why, refresh = f"transport error: {e}", True
+            if loop.time() + delay >= deadline:
+                raise StorageClientError(SC.BUSY, f"{what}: gave up after {self.retry_timeout:g}s: {why}")
+            log.debug("%s: retrying: %s", what, why)
+            await asyncio.sleep(random.uniform(delay / 2, delay))
+            delay = min(delay * 2, 0.5)
+            routing = await self._refresh(routing) if refresh else await self.routing()
+
+    # ----------------------------------------------------------------- updates
+
+    async def _update(self, req: S.UpdateRequest, payload=()) -> UpdateResult:
+        what = (f"{S.UpdateType.Name(req.type).lower().replace('update_', '')} of chunk "
+                f"{req.chunk.inode:#x}:{req.chunk.index} on chain {req.chain_id}")
+        async def attempt(routing: RoutingInfo) -> UpdateResult:
+            chain = self._chain(routing, req.chain_id)
+            h = head(chain)
+            if h is None:
+                raise _Retry(f"chain {req.chain_id} v{chain.version} takes no writes (no SERVING "
+                             f"target)", refresh=True)
+            req.chain_version = chain.version
+            rep = await self.pool.call(self._address(routing, h), S.STORAGE_UPDATE, req.SerializeToString(),
+                                       payload, timeout=self.timeout)
+            reply = S.UpdateReply.FromString(rep.header)
+            code = reply.status.code
+            if code == SC.OK:
+                return UpdateResult(reply.commit_version, reply.length)
+            if code in _RETRY_UPDATE:
+                raise _Retry(f"{_status_name(code)}: {reply.status.message}", refresh=True)
+            raise StorageClientError(code, f"{what}: {reply.status.message}")
+
+        return await self._retrying(what, attempt)
+
+    def _update_request(self, chain_id: int, inode: int, index: int, utype: int, **kw) -> S.UpdateRequest:
+        craq.chunk_id(inode, index)  # range check
+        return S.UpdateRequest(header=self._header(), chain_id=chain_id, type=utype,
+                               chunk=S.ChunkId(inode=inode, index=index), seq=next(self._seq), **kw)
+
+    async def write(self, chain_id: int, inode: int, index: int, offset: int, data, *,
+                    chunk_size: int) -> UpdateResult:
+        """Write `data` at `offset` of a chunk (offset + len(data) <= chunk_size).
+        `data` must not change until this returns."""
+        mv = memoryview(data).cast("B") if not isinstance(data, bytes) else data
+        if offset < 0 or offset + len(mv) > chunk_size:
+            raise StorageClientError(SC.INVALID_ARGUMENT, f"write [{offset}, {offset + len(mv)}) is "
+                                     f"outside the chunk size {chunk_size}")
+        req = self._update_request(chain_id, inode, index, S.UPDATE_WRITE, offset=offset,
+                                   length=len(mv), chunk_size=chunk_size, crc32c=crc32c(mv))
+        return await self._update(req, (mv,) if len(mv) else ())
+
+    async def truncate_chunk(self, chain_id: int, inode: int, index: int, length: int, *,
+                             chunk_size: int) -> UpdateResult:
+        """Set a chunk's length (cut, or extend with zeros); a missing chunk stays missing."""
+        req = self._update_request(chain_id, inode, index, S.UPDATE_TRUNCATE, length=length,
+                                   chunk_size=chunk_size)
+        return await self._update(req)
+
+    async def remove_chunk(self, chain_id: int, inode: int, index: int) -> UpdateResult:
+        req = self._update_request(chain_id, inode, index, S.UPDATE_REMOVE)
+        return await self._update(req)
+
+    async def remove_chunks(self, chain_id: int, inode: int, begin: int = 0, end: int = 0, *,
+                            page: int = 1024) -> int:
+        """Remove the chunks of `inode` with index in [begin, end) (end 0: all) on one chain;
+        returns how many were removed."""
+        total = 0
+        while True:
+            seq = next(self._seq)
+
+            async def attempt(routing: RoutingInfo):
+                chain = self._chain(routing, chain_id)
+                h = head(chain)
+                if h is None:
+                    raise _Retry(f"chain {chain_id} takes no writes", refresh=True)
+                req = S.RemoveChunksRequest(header=self._header(), chain_id=chain_id,
+                                            chain_version=chain.version, inode=inode, begin_index=begin,
+                                            end_index=end, max_chunks=page, seq=seq)
+                rep = await self.pool.call(self._address(routing, h), S.STORAGE_REMOVE_CHUNKS,
+                                           req.SerializeToString(), timeout=self.timeout)
+                reply = S.RemoveChunksReply.FromString(rep.header)
+                code = reply.status.code
+                if code == SC.OK:
+                    return reply
+                if code in _RETRY_UPDATE:
+                    raise _Retry(f"{_status_name(code)}: {reply.status.message}", refresh=True)
+                raise StorageClientError(code, f"remove chunks of {inode:#x} on chain {chain_id}: "
+                                         f"{reply.status.message}")
+
+            reply = await self._retrying(f"remove chunks of inode {inode:#x}", attempt)
+            total += reply.removed
+            if not reply.more:
+                return total
+
+    # ----------------------------------------------------------------- queries
+
+    async def query_last_chunk(self, chain_id: int, inode: int) -> LastChunk | None:
+        """The committed chunk of `inode` with the highest index on `chain_id`, or None."""
+
+        async def attempt(routing: RoutingInfo):
+            chain = self._chain(routing, chain_id)
+            readers = readable_targets(chain)
+            if not readers:
+                raise _Retry(f"chain {chain_id} has no SERVING target", refresh=True)
+            req = S.QueryLastChunkRequest(header=self._header(), chain_id=chain_id,
+                                          chain_version=chain.version, inode=inode)
+            rep = await self.pool.call(self._address(routing, readers[-1]), S.STORAGE_QUERY_LAST_CHUNK,
+                                       req.SerializeToString(), timeout=self.timeout)
+            reply = S.QueryLastChunkReply.FromString(rep.header)
+            code = reply.status.code
+            if code == SC.OK:
+                return LastChunk(reply.index, reply.length) if reply.found else None
+            if code in _RETRY_UPDATE | {SC.NOT_COMMITTED, SC.CHECKSUM_MISMATCH}:
+                raise _Retry(f"{_status_name(code)}: {reply.status.message}", refresh=True)
+            raise StorageClientError(code, f"query last chunk of {inode:#x}: {reply.status.message}")
+
+        return await self._retrying(f"query last chunk of inode {inode:#x}", attempt)
+
+    async def dump_chunk_meta(self, target_id: int, inode: int | None = None) -> list[S.ChunkMeta]:
+        """Every chunk's metadata on one target (in chunk id order), for checks and tools."""
+        routing = await self.routing()
+        if target_id not in routing.targets:
+            routing = await self._refresh(routing)
+        addr = self._target_address(routing, target_id)
+        out: list[S.ChunkMeta] = []
+        after = None
+        while True:
+            req = S.DumpChunkMetaRequest(header=self._header(), target_id=target_id, limit=4096)
+            if inode is not None:
+                req.inode = inode
+                req.has_inode = True
+            if after is not None:
+                req.start_after.CopyFrom(after)
+                req.has_start = True
+            rep = await self.pool.call(addr, S.STORAGE_DUMP_CHUNK_META, req.SerializeToString(),
+                                       timeout=self.timeout)
+            reply = S.DumpChunkMetaReply.FromString(rep.header)
+            if reply.status.code != SC.OK:
+                raise StorageClientError(reply.status.code, f"dump chunk meta of target {target_id}: "
+                                         f"{reply.status.message}")
+            out.extend(reply.metas)
+            if not reply.more or not reply.metas:
+                return out
+            after = reply.metas[-1].chunk
+
+    async def read_target(self, target_id: int, piece: ReadPiece, *,
+                          any_state: bool = False) -> tuple[S.ReadResult, bytes]:
+        """Read one piece from one given replica (checks and tests): its result and bytes.
+        With `any_state`, a non-SERVING target answers too and no chain version is checked.
+        Stale routing is refreshed and retried; other errors are returned as they are."""
+        routing = await self.routing()
+        for attempt in range(10):
+            chain = routing.chains.get(piece.chain_id)
+            if chain is None:
+                raise StorageClientError(SC.NOT_FOUND, f"chain {piece.chain_id} is not in routing "
+                                         f"version {routing.version}")
+            req = S.BatchReadRequest(header=self._header(), allow_any_state=any_state, pieces=[S.ReadPiece(
+                chain_id=piece.chain_id, chain_version=chain.version,
+                chunk=S.ChunkId(inode=piece.inode, index=piece.index), offset=piece.offset,
+                length=piece.length)])
+            rep = await self.pool.call(self._target_address(routing, target_id), S.STORAGE_BATCH_READ,
+                                       req.SerializeToString(), timeout=self.timeout)
+            reply = S.BatchReadReply.FromString(rep.header)
+            if reply.status.code != SC.OK:
+                raise StorageClientError(reply.status.code, reply.status.message)
+            r = reply.results[0]
+            if r.status.code != SC.STALE_ROUTING:
+                break
+            await asyncio.sleep(0.05 * attempt)
+            routing = await self._refresh(routing)
+        return r, bytes(rep.payload[:r.length])
+
+    # ----------------------------------------------------------------- reads
+
+    async def read(self, chain_id: int, inode: int, index: int, offset: int, length: int,
+                   into=None):
+        """Read from one chunk. With `into`, fill it (bytes past the chunk's end become zeros)
+        and return the number of chunk bytes; without, return those bytes."""
+        buf = into if into is not None else bytearray(length)
+        (n,) = await self.batch_read([ReadPiece(chain_id, inode, index, offset, length, buf)])
+        if into is not None:
+            return n
+        return bytes(buf[:n])
+
+    async def batch_read(self, pieces: Sequence[ReadPiece]) -> list[int]:
+        """Read every piece into its buffer; returns, per piece, how many bytes came from
+        the chunk (the rest of its `length` bytes are zeros: beyond the chunk's end, or a
+        missing chunk). Raises StorageClientError when a piece cannot be read."""
+        n = len(pieces)
+        results: list[int | None] = [None] * n
+        views: list[memoryview] = []
+        for p in pieces:
+            craq.chunk_id(p.inode, p.index)
+            if p.offset < 0 or p.length < 0:
+                raise StorageClientError(SC.INVALID_ARGUMENT, f"bad read piece {p}")
+            v = memoryview(p.buffer).cast("B") if p.buffer is not None else None
+            if v is None or v.readonly or len(v) < p.length:
+                raise StorageClientError(SC.INVALID_ARGUMENT, f"read piece of {p.length} bytes needs "
+                                         f"a writable buffer of at least that size")
+            views.append(v[:p.length])
+        bad: list[set[int]] = [set() for _ in range(n)]        # checksum mismatch on these targets
+        avoid: list[set[int]] = [set() for _ in range(n)]      # failed for other reasons (transient)
+        to_tail: set[int] = set()
+        errors: dict[int, str] = {}
+        todo = list(range(n))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.retry_timeout
+        delay = 0.02
+        routing = await self.routing()
+        sem = asyncio.Semaphore(self.max_inflight)
+        rounds = 0
+        while todo:
+            refresh = False
+            groups: dict[int, list[int]] = {}
+            for i in todo:
+                p = pieces[i]
+                chain = routing.chains.get(p.chain_id)
+                readers = readable_targets(chain) if chain is not None else ()
+                if not readers:
+                    errors[i] = f"chain {p.chain_id} has no SERVING target"
+                    refresh = True
+                    continue
+                if readers and all(t in bad[i] for t in readers):
+                    raise StorageClientError(SC.CHECKSUM_MISMATCH, f"chunk {p.inode:#x}:{p.index}: every "
+                                             f"replica failed its checksum ({errors.get(i)})")
+                if i in to_tail and readers[-1] not in bad[i] | avoid[i]:
+                    target = readers[-1]
+                else:
+                    order = craq.read_order(readers, p.inode * 7919 + p.index, bad[i] | avoid[i])
+                    if not order:
+                        avoid[i].clear()
+                        order = craq.read_order(readers, p.inode * 7919 + p.index, bad[i])
+                    target = order[0]
+                groups.setdefault(target, []).append(i)
+            batches = []
+            for target, idx in groups.items():
+                cur, size = [], 0
+                for i in idx:
+                    ln = pieces[i].length
+                    if cur and (size + ln > self.max_request_bytes or len(cur) >= _MAX_PIECES):
+                        batches.append((target, cur))
+                        cur, size = [], 0
+                    cur.append(i)
+                    size += ln
+                if cur:
+                    batches.append((target, cur))
+
+            async def run(target: int, idx: list[int]) -> None:
+                nonlocal refresh
+                async with sem:
+                    try:
+                        outcome = await self._read_batch(routing, target, [pieces[i] for i in idx],
+                                                         [views[i] for i in idx])
+                    except (net.TransportError, KeyError) as e:
+                        for i in idx:
+                            avoid[i].add(target)
+                            errors[i] = f"target {target}: {e}"
+                        refresh = True
+                        return
+                for i, (code, length, msg) in zip(idx, outcome):
+                    if code == SC.OK:
+                        results[i] = length
+                    elif code == SC.NOT_FOUND:
+                        results[i] = 0
+                    elif code == SC.NOT_COMMITTED:
+                        to_tail.add(i)
+                        errors[i] = msg
+                    elif code == SC.CHECKSUM_MISMATCH:
+                        bad[i].add(target)
+                        errors[i] = f"target {target}: {msg}"
+                    elif code == SC.INVALID_ARGUMENT:
+                        errors[i] = msg
+                        results[i] = -1
+                    else:
+                        avoid[i].add(target)
+                        errors[i] = f"target {target}: {_status_name(code)}: {msg}"
+                        if code in (SC.STALE_ROUTING, SC.NOT_SERVING):
+                            refresh = True
+
+            if len(batches) == 1:
+                await run(*batches[0])
+            else:
+                await asyncio.gather(*(run(t, idx) for t, idx in batches))
+            for i in todo:
+                if results[i] == -1:
+                    p = pieces[i]
+                    raise StorageClientError(SC.INVALID_ARGUMENT, f"read of chunk {p.inode:#x}:{p.index} "
+                                             f"[{p.offset}, {p.offset + p.length}): {errors[i]}")
+            todo = [i for i in todo if results[i] is None]
+            if not todo:
+                break
+            if loop.time() >= deadline:
+                i = todo[0]
+                raise StorageClientError(SC.BUSY, f"read of chunk {pieces[i].inode:#x}:{pieces[i].index} "
+                                         f"gave up after {self.retry_timeout:g}s: {errors.get(i)}")
+            rounds += 1
+            # The first retry (another replica, the tail) goes at once; later ones back off.
+            if refresh or rounds > 1:
+                await asyncio.sleep(random.uniform(delay / 2, delay))
+                delay = min(delay * 2, 0.5)
+            routing = await self._refresh(routing) if refresh else await self.routing()
+        return results  # type: ignore[return-value]
+
+    async def _read_batch(self, routing: RoutingInfo, target: int, pieces: list[ReadPiece],
+                          views: list[memoryview]) -> list[tuple[int, int, str]]:
+        req = S.BatchReadRequest(header=self._header())
+        for p in pieces:
+            chain = routing.chains[p.chain_id]
+            req.pieces.add(chain_id=p.chain_id, chain_version=chain.version,
+                           chunk=S.ChunkId(inode=p.inode, index=p.index), offset=p.offset,
+                           length=p.length)
+        into = [v for v in views if len(v)]
+        rep = await self.pool.call(routing.address_of(target), S.STORAGE_BATCH_READ,
+                                   req.SerializeToString(), into=into or None, timeout=self.timeout)
+        reply = S.BatchReadReply.FromString(rep.header)
+        if reply.status.code != SC.OK:
+            return [(reply.status.code, 0, reply.status.message)] * len(pieces)
+        if len(reply.results) != len(pieces):
+            raise net.ProtocolError(f"batch read reply has {len(reply.results)} results for "
+                                    f"{len(pieces)} pieces")
+        return [(r.status.code, r.length, r.status.message) for r in reply.results]

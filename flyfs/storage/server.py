@@ -1,0 +1,1132 @@
+"""The storage daemon: chunk targets served over the data plane, replicated with CRAQ.
+
+    flyfs storage --mgmtd HOST:PORT --data DIR[,DIR...] --listen HOST:PORT
+
+One process serves one or more targets (one per data directory, each a
+`ChunkEngine`). It registers with mgmtd (the node id and each target id are
+kept in DIR/flyfs-target.json so a restart keeps its identity), heartbeats
+(per-target local state, chain version, usage) and follows the routing info.
+Requests arrive as flyfs/net frames: the method is a storage_pb2.StorageMethod,
+the header a storage.proto request, chunk bytes in the payload. Errors are
+replies with a flyfs.Status, never transport failures.
+
+Replication (flyfs/storage/craq.py has the decisions and the reasoning):
+client updates go to the chain head, which stages a pending version,
+forwards to its successor and commits once the successor answered; the
+successor does the same, so the tail commits first. A target that cannot
+reach its successor keeps retrying (refreshing routing, so a failed
+successor is skipped once mgmtd takes it out of the chain) for
+`StorageConfig.update_retry` seconds. A node whose last successful heartbeat
+was sent more than half its lease ago takes no updates (NOT_SERVING), so a
+node cut off from mgmtd cannot write behind the back of the chain that
+replaced it. Resync of a returning target is driven by its predecessor
+(flyfs/storage/resync.py). All disk I/O runs in the chunk engine's threads.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+import numpy as np
+from crc32c import crc32c
+from google.protobuf.message import DecodeError
+
+from flyfs import net
+from flyfs.cluster.chain_state import Chain, PublicState
+from flyfs.cluster.mgmtd_client import MgmtdClient, MgmtdError, NODE_STORAGE, RoutingInfo
+from flyfs.proto import common_pb2, storage_pb2
+from flyfs.storage import craq
+from flyfs.storage.chunk_engine import ChunkEngine, ChunkMeta
+from flyfs.storage.errors import (ChunkCorrupted, ChunkNotCommitted, ChunkNotFound, StorageError,
+                                  VersionError)
+from flyfs.storage.resync import resync_loop
+
+__all__ = ["StorageServer", "StorageConfig", "StatusError", "main", "IDENTITY_FILE",
+           "meta_to_proto", "UPDATE_TYPES"]
+
+log = logging.getLogger("flyfs.storage")
+
+SC = common_pb2
+S = storage_pb2
+IDENTITY_FILE = "flyfs-target.json"
+UPDATE_TYPES = {S.UPDATE_WRITE: "write", S.UPDATE_TRUNCATE: "truncate", S.UPDATE_REMOVE: "remove"}
+MAX_READ_PIECES = 4096
+MAX_DUMP_PAGE = 4096
+# Statuses a predecessor keeps retrying a forward on (anything else is final).
+_RETRY_FORWARD = {SC.STALE_ROUTING, SC.NOT_SERVING, SC.BUSY, SC.NOT_HEAD, SC.INTERNAL, SC.NOT_COMMITTED}
+
+
+@dataclass
+class StorageConfig:
+    """Tunables of a storage daemon (seconds unless noted)."""
+
+    forward_timeout: float = 60.0      # one forward call to the successor (it may be retrying too)
+    update_retry: float = 30.0         # how long a target keeps retrying a forward before it gives up
+    register_timeout: float = 60.0     # start(): how long to wait for mgmtd
+    heartbeat_interval: float | None = None  # default: lease / 6
+    sync_timeout: float = 60.0         # one resync call
+    sync_concurrency: int = 4          # chunks sent at once by one resync
+    engine_workers: int = 8            # chunk engine threads per target
+    max_chunk_size: int | None = None  # per-target engine limit (default: the engine's)
+    mgmtd_timeout: float = 2.0
+    mgmtd_retry_timeout: float = 5.0
+
+
+class StatusError(Exception):
+    """A request failed with a flyfs.StatusCode; `fields` go into the reply."""
+
+    def __init__(self, code: int, message: str, **fields):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.fields = fields
+
+
+meta_to_proto = craq.meta_to_proto
+
+
+def _cid(c: S.ChunkId) -> bytes:
+    return craq.chunk_id(c.inode, c.index)
+
+
+def _hexid(cid: bytes) -> str:
+    inode, index = craq.parse_chunk_id(cid)
+    return f"{inode:#x}:{index}"
+
+
+class _KeyedLocks:
+    """asyncio locks by key, created on demand and dropped when unused."""
+
+    def __init__(self):
+        self._locks: dict = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key):
+        ent = self._locks.get(key)
+        if ent is None:
+            ent = self._locks[key] = [asyncio.Lock(), 0]
+        ent[1] += 1
+        try:
+            async with ent[0]:
+                yield
+        finally:
+            ent[1] -= 1
+            if ent[1] == 0:
+                del self._locks[key]
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+
+class _ReadBuffers:
+    """Reply buffers for batch reads, reused once the transport has sent them.
+
+    A reply goes out as a numpy view of a pooled buffer; when the transport
+    drops its last reference to the view (the bytes are on the wire), a
+    finalizer puts the buffer back. Reuse avoids allocating and faulting in
+    megabytes of fresh memory for every read.
+    """
+
+    def __init__(self, max_pooled: int = 256 << 20):
+        self.max_pooled = max_pooled
+        self._free: dict[int, list] = {}
+        self._pooled = 0
+
+    def get(self, n: int):
+        size = max(64 << 10, 1 << max(n - 1, 1).bit_length())
+        free = self._free.get(size)
+        if free:
+            base = free.pop()
+            self._pooled -= size
+        else:
+            base = np.empty(size, np.uint8)
+        view = base[:n]
+        weakref.finalize(view, self._put, base)
+        return view
+
+    def _put(self, base) -> None:
+        if self._pooled + base.nbytes <= self.max_pooled:
+            self._free.setdefault(base.nbytes, []).append(base)
+            self._pooled += base.nbytes
+
+
+class Target:
+    """One local target: its engine, identity and replication state."""
+
+    def __init__(self, path: str, engine: ChunkEngine, target_id: int):
+        self.path = path
+        self.engine = engine
+        self.target_id = target_id
+        self.chain_id = 0
+        self.role: craq.Role | None = None
+        self.synced_version: int | None = None   # chain version a resync into it finished at
+        self.dedup = craq.DedupTable()
+        self.total_bytes = 0
+
+
+# --------------------------------------------------------------------------- identity files
+
+def _read_identity(path: str) -> dict:
+    try:
+        with open(os.path.join(path, IDENTITY_FILE)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"flyfs storage: cannot read {os.path.join(path, IDENTITY_FILE)}: {e}") from None
+
+
+def _write_identity(path: str, ident: dict) -> None:
+    final = os.path.join(path, IDENTITY_FILE)
+    tmp = final + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(ident, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- the daemon
+
+class StorageServer:
+    """A storage daemon serving the targets in `data_dirs`.
+
+    `mgmtd`: the mgmtd address(es) (HOST:PORT, comma-separated for several).
+    `listen`: HOST:PORT for the data plane (port 0 picks one). After
+    `await start()` the node is registered, has routing info and a lease;
+    `address` is its data-plane address (HOST:PORT).
+    """
+
+    def __init__(self, mgmtd: str, data_dirs: list[str], listen: str = "127.0.0.1:0", *,
+                 cluster_id: str = "", config: StorageConfig | None = None,
+                 advertise: str | None = None):
+        if not data_dirs:
+            raise ValueError("a storage daemon needs at least one data directory")
+        paths = [os.path.abspath(d) for d in data_dirs]
+        if len(set(paths)) != len(paths):
+            raise ValueError("a data directory is listed twice")
+        host, sep, port = listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ValueError(f"listen address {listen!r} is not HOST:PORT")
+        self.data_dirs = paths
+        self.config = config or StorageConfig()
+        self._listen_host, self._listen_port = host, int(port)
+        self._advertise = advertise
+        self._mgmtd_address = mgmtd
+        self.mgmtd = MgmtdClient(mgmtd, cluster_id=cluster_id, timeout=self.config.mgmtd_timeout,
+                                 retry_timeout=self.config.mgmtd_retry_timeout)
+        self.pool = net.ConnectionPool(connect_timeout=5.0)
+        self.targets: dict[int, Target] = {}
+        self.node_id = 0
+        self.lease = craq.Lease()
+        self.routing: RoutingInfo | None = None
+        self._server: net.Server | None = None
+        self._locks = _KeyedLocks()
+        self._read_buffers = _ReadBuffers()
+        self._tasks: set[asyncio.Task] = set()
+        self._hb_task: asyncio.Task | None = None
+        self._hb_wakeup: asyncio.Event | None = None
+        self._refreshing: asyncio.Task | None = None
+        self._refresh_started = 0.0
+        self._resyncs: dict[int, tuple[tuple, asyncio.Task]] = {}
+        self._resync_done: dict[int, tuple] = {}
+        self._stopping = False
+        self._started = False
+        self._handlers: dict[int, tuple[type, type, Callable[..., Awaitable]]] = {
+            S.STORAGE_UPDATE: (S.UpdateRequest, S.UpdateReply, self._on_client_update),
+            S.STORAGE_FORWARD: (S.UpdateRequest, S.UpdateReply, self._on_forward),
+            S.STORAGE_BATCH_READ: (S.BatchReadRequest, S.BatchReadReply, self._on_batch_read),
+            S.STORAGE_REMOVE_CHUNKS: (S.RemoveChunksRequest, S.RemoveChunksReply, self._on_remove_chunks),
+            S.STORAGE_QUERY_LAST_CHUNK: (S.QueryLastChunkRequest, S.QueryLastChunkReply,
+                                         self._on_query_last_chunk),
+            S.STORAGE_DUMP_CHUNK_META: (S.DumpChunkMetaRequest, S.DumpChunkMetaReply, self._on_dump),
+            S.STORAGE_SYNC_INSTALL: (S.SyncInstallRequest, S.SyncInstallReply, self._on_sync_install),
+            S.STORAGE_SYNC_REMOVE: (S.SyncRemoveRequest, S.SyncRemoveReply, self._on_sync_remove),
+            S.STORAGE_SYNC_DONE: (S.SyncDoneRequest, S.SyncDoneReply, self._on_sync_done),
+        }
+
+    # ----------------------------------------------------------------- lifecycle
+
+    @property
+    def address(self) -> str:
+        """The data-plane address this node registered (HOST:PORT)."""
+        if self._server is None:
+            return ""
+        return self._advertise or f"{self._listen_host}:{self._server.port}"
+
+    async def start(self) -> None:
+        """Open the targets, listen, register with mgmtd, get routing and a first lease."""
+        if self._started:
+            raise RuntimeError("storage server already started")
+        self._started = True
+        self._hb_wakeup = asyncio.Event()
+        try:
+            await self._open_targets()
+            self._server = await net.serve(self._handle, self._listen_host, self._listen_port)
+            await self._register()
+            await self._refresh_routing(force=True)
+            await self._heartbeat_once()
+            self._hb_task = self._spawn(self._heartbeat_loop(), "heartbeat")
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("storage node %d serving targets %s on %s", self.node_id, sorted(self.targets),
+                 self.address)
+
+    async def stop(self) -> None:
+        """Stop serving, cancel background work and close every target."""
+        if self._stopping:
+            return
+        self._stopping = True
+        tasks = list(self._tasks)
+        if self._refreshing is not None:
+            tasks.append(self._refreshing)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.close()
+        await self.pool.close()
+        for t in list(self.targets.values()):
+            try:
+                await t.engine.close()
+            except Exception as e:  # keep closing the others
+                log.warning("closing target %s: %s", t.path, e)
+        await self.mgmtd.close()
+
+    async def __aenter__(self) -> "StorageServer":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    def _spawn(self, coro, name: str, quiet: bool = False) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro, name=f"storage-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_quiet_done if quiet else self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None and not self._stopping:
+            log.error("background task %s failed: %r", task.get_name(), task.exception())
+
+    def _task_quiet_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled():
+            task.exception()    # retrieved; whoever awaited it reported it
+
+    async def _detached(self, coro, name: str):
+        """Run an update to its end even if the request that started it goes away
+        (its connection dropped): a half-done update would leave a stuck pending version."""
+        if self._stopping:
+            return await coro
+        return await asyncio.shield(self._spawn(coro, name, quiet=True))
+
+    async def _open_targets(self) -> None:
+        idents = await asyncio.to_thread(lambda: [_read_identity(p) for p in self.data_dirs])
+        node_ids = {i.get("node_id") for i in idents if i.get("node_id")}
+        if len(node_ids) > 1:
+            raise ValueError(f"data directories belong to different storage nodes {sorted(node_ids)}")
+        self.node_id = node_ids.pop() if node_ids else 0
+        kw = {}
+        if self.config.max_chunk_size:
+            kw["max_chunk_size"] = self.config.max_chunk_size
+        self._pending_targets = []
+        for path, ident in zip(self.data_dirs, idents):
+            engine = await ChunkEngine.open(path, workers=self.config.engine_workers, **kw)
+            self._pending_targets.append((path, engine, int(ident.get("target_id", 0))))
+
+    async def _register(self) -> None:
+        deadline = time.monotonic() + self.config.register_timeout
+        specs = [(tid, path) for path, _, tid in self._pending_targets]
+        delay = 0.1
+        while True:
+            try:
+                reply = await self.mgmtd.register_node(NODE_STORAGE, self.address, targets=specs,
+                                                       node_id=self.node_id)
+                break
+            except MgmtdError as e:
+                if e.code not in (SC.BUSY, SC.INTERNAL) or time.monotonic() > deadline:
+                    raise RuntimeError(f"cannot register with mgmtd at {self._mgmtd_address}: "
+                                       f"{e.message}") from None
+                log.info("mgmtd not ready (%s); retrying", e.message)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        if reply.cluster_id:
+            self.mgmtd.cluster_id = reply.cluster_id
+        self.node_id = reply.node_id
+        for (path, engine, _), tid in zip(self._pending_targets, reply.target_ids):
+            await asyncio.to_thread(_write_identity, path,
+                                    {"node_id": reply.node_id, "target_id": tid,
+                                     "cluster_id": reply.cluster_id})
+            t = Target(path, engine, tid)
+            t.total_bytes = (await asyncio.to_thread(shutil.disk_usage, path)).total
+            self.targets[tid] = t
+        self._pending_targets = []
+        # The registration renews nothing: writes wait for the first heartbeat.
+        self._lease_ms = reply.lease_ms
+
+    # ----------------------------------------------------------------- heartbeats and routing
+
+    def _report(self) -> list[tuple]:
+        out = []
+        for t in self.targets.values():
+            role = t.role
+            chain_version = role.chain_version if role else 0
+            state = craq.local_state(role.state if role else None, t.synced_version, chain_version)
+            out.append((t.target_id, state, chain_version, t.engine.used_bytes(), t.total_bytes))
+        return out
+
+    async def _heartbeat_once(self) -> None:
+        sent = time.monotonic()
+        routing_version = self.routing.version if self.routing else 0
+        try:
+            reply = await self.mgmtd.heartbeat(self.node_id, self._report(),
+                                               routing_version=routing_version)
+        except MgmtdError as e:
+            if e.code == SC.NOT_FOUND:
+                # mgmtd forgot us (a fresh KV): register again, keeping our ids.
+                log.warning("mgmtd does not know node %d (%s); registering again", self.node_id, e)
+                self._pending_targets = [(t.path, t.engine, t.target_id) for t in self.targets.values()]
+                self.targets = {}
+                await self._register()
+                await self._refresh_routing(force=True)
+                return
+            raise
+        self.lease.renewed(sent, reply.lease_ms)
+        self._lease_ms = reply.lease_ms
+        if self.routing is None or reply.routing_version != self.routing.version:
+            await self._refresh_routing(force=True)
+
+    def _heartbeat_interval(self) -> float:
+        if self.config.heartbeat_interval:
+            return self.config.heartbeat_interval
+        return max(self._lease_ms / 1000.0 / 6, 0.05)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._hb_wakeup.wait(), self._heartbeat_interval())
+            except asyncio.TimeoutError:
+                pass
+            self._hb_wakeup.clear()
+            try:
+                await self._heartbeat_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("heartbeat failed: %s (lease left %.2fs)", e, self.lease.remaining())
+
+    async def _refresh_routing(self, force: bool = False) -> None:
+        """Fetch routing info newer than the moment of this call. Callers share one
+        fetch in flight when it started after they asked (`force` is accepted for
+        readability; every call asks for routing at least as new as now)."""
+        since = time.monotonic()
+        while True:
+            task = self._refreshing
+            if task is not None and not task.done():
+                started = self._refresh_started
+                try:
+                    await asyncio.shield(task)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    if started >= since:
+                        raise
+                if started >= since:
+                    return
+                continue
+            if self._refresh_started >= since and task is not None and not task.cancelled() \
+                    and task.exception() is None:
+                return
+            self._refresh_started = time.monotonic()
+            task = self._refreshing = asyncio.get_running_loop().create_task(self._do_refresh())
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def _do_refresh(self) -> None:
+        info = await self.mgmtd.get_routing_info(force=True)
+        self._apply_routing(info)
+
+    def _apply_routing(self, info: RoutingInfo) -> None:
+        if self.routing is not None and info.version < self.routing.version:
+            return
+        self.routing = info
+        wake = False
+        for t in self.targets.values():
+            ti = info.targets.get(t.target_id)
+            chain = info.chains.get(ti.chain_id) if ti is not None and ti.chain_id else None
+            old = t.role
+            t.chain_id = chain.chain_id if chain else 0
+            t.role = craq.role_of(chain, t.target_id) if chain else None
+            if t.role is None or t.role.state not in (PublicState.SYNCING, PublicState.SERVING):
+                t.synced_version = None
+            if (old is None) != (t.role is None) or (old and t.role and old.state != t.role.state):
+                wake = True
+                log.info("target %d: chain %d v%d, %s", t.target_id, t.chain_id,
+                         t.role.chain_version if t.role else 0,
+                         t.role.state.name if t.role and t.role.state else "not in a chain")
+            self._check_resync(t)
+        if wake and self._hb_wakeup is not None:
+            self._hb_wakeup.set()
+
+    def _check_resync(self, t: Target) -> None:
+        """Start (or stop) the resync of this target's successor when it is SYNCING."""
+        role = t.role
+        want = None
+        if role is not None and role.successor is not None and role.readable:
+            chain = self.routing.chains[role.chain_id]
+            if chain.states().get(role.successor) is PublicState.SYNCING:
+                want = (role.chain_id, role.successor, role.chain_version)
+        cur = self._resyncs.get(t.target_id)
+        if cur is not None and cur[0] != want:
+            cur[1].cancel()
+            del self._resyncs[t.target_id]
+            cur = None
+        if want is not None and cur is None and self._resync_done.get(t.target_id) != want \
+                and not self._stopping:
+            task = self._spawn(resync_loop(self, t, want), f"resync-{t.target_id}")
+            self._resyncs[t.target_id] = (want, task)
+            task.add_done_callback(lambda _t, tid=t.target_id, key=want: self._resync_finished(tid, key, _t))
+
+    def _resync_finished(self, tid: int, key: tuple, task: asyncio.Task) -> None:
+        cur = self._resyncs.get(tid)
+        if cur is not None and cur[1] is task:
+            del self._resyncs[tid]
+        if not task.cancelled() and task.exception() is None:
+            self._resync_done[tid] = key
+
+    def address_of(self, target_id: int) -> str:
+        try:
+            return self.routing.address_of(target_id)
+        except KeyError:
+            raise StatusError(SC.STALE_ROUTING, f"target {target_id} has no known node") from None
+
+    def chunk_lock(self, target: Target, cid: bytes):
+        """The replication lock of one chunk on one target (held across forwarding)."""
+        return self._locks.hold((target.target_id, cid))
+
+    # ----------------------------------------------------------------- request plumbing
+
+    async def _handle(self, req: net.Request) -> net.Response:
+        spec = self._handlers.get(req.method)
+        if spec is None:
+            reply = S.StorageReplyStatus()
+            reply.status.code = SC.INVALID_ARGUMENT
+            reply.status.message = f"unknown storage method {req.method}"
+            return net.Response(reply.SerializeToString())
+        req_cls, reply_cls, fn = spec
+        try:
+            msg = req_cls.FromString(req.header)
+        except (DecodeError, ValueError) as e:
+            return self._error(reply_cls, SC.INVALID_ARGUMENT,
+                               f"malformed {req_cls.__name__} header ({len(req.header)} bytes): {e}")
+        try:
+            reply, payload = await fn(msg, req.payload)
+        except StatusError as e:
+            return self._error(reply_cls, e.code, e.message, **e.fields)
+        except StorageError as e:
+            return self._error(reply_cls, e.code, str(e))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.exception("storage method %d failed", req.method)
+            return self._error(reply_cls, SC.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+        return net.Response(reply.SerializeToString(), payload)
+
+    @staticmethod
+    def _error(reply_cls, code: int, message: str, **fields) -> net.Response:
+        reply = reply_cls(**fields)
+        reply.status.code = code
+        reply.status.message = message
+        return net.Response(reply.SerializeToString())
+
+    def _local_target(self, chain: Chain) -> Target | None:
+        for tid in chain.target_ids:
+            t = self.targets.get(tid)
+            if t is not None:
+                return t
+        return None
+
+    async def _route(self, chain_id: int, chain_version: int, *, check_version: bool = True
+                     ) -> tuple[Target, craq.Role]:
+        """The local target of `chain_id` and its role, after the chain version check."""
+        for attempt in (0, 1):
+            chain = self.routing.chains.get(chain_id) if self.routing else None
+            if chain is None or (check_version and chain_version > chain.version):
+                if attempt == 0:
+                    try:
+                        await self._refresh_routing()
+                    except MgmtdError as e:   # answer from what we know
+                        log.debug("routing refresh failed: %s", e)
+                    continue
+                if chain is None:
+                    raise StatusError(SC.STALE_ROUTING, f"chain {chain_id} is unknown to storage node "
+                                      f"{self.node_id}")
+            break
+        target = self._local_target(chain)
+        if target is None or target.role is None:
+            raise StatusError(SC.STALE_ROUTING, f"storage node {self.node_id} holds no target of "
+                              f"chain {chain_id}")
+        if check_version:
+            check = craq.check_chain_version(chain_version, chain.version)
+            if check is craq.ChainCheck.STALE:
+                raise StatusError(SC.STALE_ROUTING, f"stale routing: chain {chain_id} is at version "
+                                  f"{chain.version}, the request has {chain_version}")
+            if check is craq.ChainCheck.BEHIND:
+                raise StatusError(SC.STALE_ROUTING, f"target {target.target_id} has chain {chain_id} "
+                                  f"at version {chain.version}, older than the request's "
+                                  f"{chain_version}; retry shortly")
+        return target, target.role
+
+    def _check_lease(self) -> None:
+        if not self.lease.valid():
+            raise StatusError(SC.NOT_SERVING, f"storage node {self.node_id} has no valid lease from "
+                              f"mgmtd (no successful heartbeat for half the lease); not taking updates")
+
+    @staticmethod
+    def _update_type(msg: S.UpdateRequest) -> str:
+        utype = UPDATE_TYPES.get(msg.type)
+        if utype is None:
+            raise StatusError(SC.INVALID_ARGUMENT, f"unknown update type {msg.type}")
+        if not msg.HasField("chunk"):
+            raise StatusError(SC.INVALID_ARGUMENT, "update without a chunk id")
+        return utype
+
+    @staticmethod
+    def _check_update(msg: S.UpdateRequest, utype: str, payload: memoryview, engine_max: int) -> None:
+        if utype == "remove" and not msg.full_chunk:
+            if len(payload):
+                raise StatusError(SC.INVALID_ARGUMENT, f"a remove carries no payload, got "
+                                  f"{len(payload)} bytes")
+            return
+        if not 0 < msg.chunk_size <= engine_max:
+            raise StatusError(SC.INVALID_ARGUMENT, f"chunk size {msg.chunk_size} out of range "
+                              f"1..{engine_max}")
+        if utype == "write" or msg.full_chunk:
+            if len(payload) != msg.length:
+                raise StatusError(SC.INVALID_ARGUMENT, f"write of {msg.length} bytes carries a payload "
+                                  f"of {len(payload)} bytes")
+            if msg.offset + msg.length > msg.chunk_size:
+                raise StatusError(SC.INVALID_ARGUMENT, f"write [{msg.offset}, {msg.offset + msg.length}) "
+                                  f"is beyond the chunk size {msg.chunk_size}")
+            crc = crc32c(payload)
+            if crc != msg.crc32c:
+                raise StatusError(SC.CHECKSUM_MISMATCH, f"write payload crc32c {crc:08x} does not "
+                                  f"match the request's {msg.crc32c:08x}")
+        else:
+            if len(payload):
+                raise StatusError(SC.INVALID_ARGUMENT, f"a truncate carries no payload, got "
+                                  f"{len(payload)} bytes")
+            if msg.length > msg.chunk_size:
+                raise StatusError(SC.INVALID_ARGUMENT, f"truncate to {msg.length} is beyond the chunk "
+                                  f"size {msg.chunk_size}")
+
+    # ----------------------------------------------------------------- updates
+
+    async def _on_client_update(self, msg: S.UpdateRequest, payload: memoryview):
+        utype = self._update_type(msg)
+        if msg.full_chunk or msg.update_version:
+            raise StatusError(SC.INVALID_ARGUMENT, "a client update must not carry forwarding fields")
+        target, role = await self._route(msg.chain_id, msg.chain_version)
+        self._check_update(msg, utype, payload, target.engine.max_chunk_size)
+        if not role.is_head:
+            raise StatusError(SC.NOT_HEAD, f"target {target.target_id} is not the head of chain "
+                              f"{role.chain_id} (the head is target {role.head or 'none'}); "
+                              f"send updates to the head", head_target=role.head or 0)
+        self._check_lease()
+        key = (msg.header.client_id, msg.seq) if msg.seq and msg.header.client_id else None
+        fut = None
+        if key is not None:
+            fut = asyncio.get_running_loop().create_future()
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+            hit = target.dedup.begin(key, fut)
+            if hit is not None:
+                result = hit.result if hit.waiter is None else await asyncio.shield(hit.waiter)
+                return S.UpdateReply(commit_version=result[0], length=result[1]), ()
+        result = await self._detached(self._deduped(
+            target, key, fut, self._head_update(target, msg, payload, utype)), "update")
+        return S.UpdateReply(commit_version=result[0], length=result[1]), ()
+
+    @staticmethod
+    async def _deduped(target: Target, key, fut, work, flagged: bool = False):
+        """Run `work`, then settle the dedup entry of `key` (registered with `fut`).
+        With `flagged`, work returns (result, need_full): a need_full answer settles nothing."""
+        try:
+            result = await work
+        except BaseException as e:
+            if fut is not None:
+                target.dedup.fail(key)
+                fut.cancel() if isinstance(e, asyncio.CancelledError) else fut.set_exception(e)
+            raise
+        value, need_full = result if flagged else (result, False)
+        if key is not None:
+            if need_full:
+                if fut is not None:
+                    target.dedup.fail(key)
+                    fut.set_exception(StatusError(SC.BUSY, "update not applied yet; retry"))
+            elif fut is not None:
+                target.dedup.finish(key, value)
+                fut.set_result(value)
+            else:
+                target.dedup.record(key, value)
+        return result
+
+    async def _head_update(self, target: Target, msg: S.UpdateRequest, payload: memoryview,
+                           utype: str) -> tuple[int, int]:
+        engine = target.engine
+        cid = _cid(msg.chunk)
+        async with self.chunk_lock(target, cid):
+            role = target.role
+            if role is None or not role.is_head:
+                raise StatusError(SC.NOT_HEAD, f"target {target.target_id} stopped being the head of "
+                                  f"chain {msg.chain_id}", head_target=(role.head or 0) if role else 0)
+            fwd = S.UpdateRequest()
+            fwd.CopyFrom(msg)
+            if utype == "remove":
+                await self._forward(target, fwd, (), None)
+                await engine.remove([cid])
+                return 0, 0
+            meta = await engine.get_meta(cid)
+            if meta is None:
+                plan = craq.HeadPlan(False, 1, 0)
+            else:
+                plan = craq.head_plan(meta.commit_ver, meta.update_ver, meta.has_pending)
+            if plan.abort_pending:
+                log.warning("target %d chunk %s: dropping stuck pending version %d (commit %d)",
+                            target.target_id, _hexid(cid), meta.update_ver, meta.commit_ver)
+                meta = await engine.abort(cid)
+            if utype == "truncate" and meta is None:
+                return 0, 0     # nothing to cut; a missing chunk reads as a hole
+            cv = role.chain_version
+            await self._stage(engine, cid, utype, msg, payload, plan.version, cv)
+            fwd.update_version = plan.version
+            fwd.update_chain_version = cv
+            fwd.base_version = plan.base_version
+            await self._forward(target, fwd, (payload,) if len(payload) else (),
+                                lambda: self._full_content(target, cid, plan.base_version, utype,
+                                                           msg, payload))
+            m = await engine.commit(cid, plan.version)
+            return m.commit_ver, m.length
+
+    @staticmethod
+    async def _stage(engine: ChunkEngine, cid: bytes, utype: str, msg: S.UpdateRequest,
+                     payload: memoryview, version: int, chain_version: int) -> ChunkMeta:
+        if utype == "write":
+            return await engine.prepare_write(cid, msg.offset, payload, version, chain_version,
+                                              chunk_size=msg.chunk_size)
+        return await engine.truncate(cid, msg.length, version, chain_version,
+                                     chunk_size=msg.chunk_size)
+
+    async def _full_content(self, target: Target, cid: bytes, base_version: int, utype: str,
+                            msg: S.UpdateRequest, payload: memoryview) -> bytearray:
+        """The chunk's content after this update: committed base + the delta."""
+        engine = target.engine
+        meta = await engine.get_meta(cid)
+        committed = meta.commit_ver if meta else 0
+        if committed != base_version:
+            raise StatusError(SC.INTERNAL, f"chunk {_hexid(cid)}: base version moved from "
+                              f"{base_version} to {committed} under the chunk lock")
+        if committed:
+            data, _ = await engine.read(cid, 0, meta.length)
+        else:
+            data = bytearray()
+        return await asyncio.to_thread(craq.apply_delta, data, utype, msg.offset, msg.length, payload)
+
+    async def _forward(self, target: Target, fwd: S.UpdateRequest, payload,
+                       full: Callable[[], Awaitable[bytearray]] | None) -> S.UpdateReply | None:
+        """Send an update to this target's successor until it answers OK.
+
+        Retries (refreshing routing) on transport errors and retryable statuses
+        for config.update_retry seconds; `full` produces the whole chunk when
+        the successor asks for it. Returns None when this target is the tail.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.update_retry
+        delay = 0.02
+        while True:
+            self._check_lease()
+            role = target.role
+            if role is None or not role.on_write_path:
+                raise StatusError(SC.STALE_ROUTING, f"target {target.target_id} left the write path "
+                                  f"of chain {fwd.chain_id}")
+            if role.successor is None:
+                return None
+            succ = role.successor
+            fwd.chain_version = role.chain_version
+            fwd.to_target = succ
+            try:
+                addr = self.address_of(succ)
+                rep = await self.pool.call(addr, S.STORAGE_FORWARD, fwd.SerializeToString(), payload,
+                                           timeout=self.config.forward_timeout)
+                reply = S.UpdateReply.FromString(rep.header)
+                code, why = reply.status.code, reply.status.message
+            except (net.TransportError, StatusError, DecodeError) as e:
+                reply, code, why = None, -1, str(e)
+            if reply is not None:
+                if code == SC.OK:
+                    return reply
+                if reply.need_full_chunk and not fwd.full_chunk and full is not None:
+                    data = await full()
+                    fwd.full_chunk = True
+                    fwd.type = S.UPDATE_WRITE
+                    fwd.offset = 0
+                    fwd.length = len(data)
+                    fwd.crc32c = crc32c(data)
+                    payload = (data,) if len(data) else ()
+                    continue
+                if code not in _RETRY_FORWARD:
+                    raise StatusError(code, f"successor target {succ}: {why}")
+            if loop.time() >= deadline or self._stopping:
+                raise StatusError(SC.BUSY, f"target {target.target_id} could not forward to its "
+                                  f"successor target {succ}: {why}")
+            log.debug("forward to target %d failed (%s); retrying", succ, why)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+            try:
+                await self._refresh_routing()
+            except MgmtdError as e:
+                log.debug("routing refresh failed: %s", e)
+
+    async def _on_forward(self, msg: S.UpdateRequest, payload: memoryview):
+        utype = self._update_type(msg)
+        target, role = await self._route(msg.chain_id, msg.chain_version)
+        self._check_update(msg, utype, payload, target.engine.max_chunk_size)
+        if msg.to_target != target.target_id:
+            raise StatusError(SC.STALE_ROUTING, f"forward for target {msg.to_target} reached target "
+                              f"{target.target_id}")
+        if not role.on_write_path or role.predecessor is None:
+            raise StatusError(SC.STALE_ROUTING, f"target {target.target_id} takes no forwarded updates "
+                              f"in chain {role.chain_id} v{role.chain_version} "
+                              f"({role.state.name if role.state else 'not a member'})")
+        if not msg.update_version and utype != "remove":
+            raise StatusError(SC.INVALID_ARGUMENT, "a forwarded update needs its update version")
+        self._check_lease()
+        key = (msg.header.client_id, msg.seq) if msg.seq and msg.header.client_id else None
+        fut = None
+        if key is not None and target.dedup.get(key) is None:
+            fut = asyncio.get_running_loop().create_future()
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+            target.dedup.begin(key, fut)
+        result, need_full = await self._detached(self._deduped(
+            target, key, fut, self._successor_update(target, msg, payload, utype), True), "forward")
+        if need_full:
+            return S.UpdateReply(status=common_pb2.Status(
+                code=SC.BUSY, message=f"target {target.target_id} is missing earlier updates of chunk "
+                                      f"{_hexid(_cid(msg.chunk))}; send the full chunk"),
+                need_full_chunk=True), ()
+        return S.UpdateReply(commit_version=result[0], length=result[1]), ()
+
+    async def _successor_update(self, target: Target, msg: S.UpdateRequest, payload: memoryview,
+                                utype: str) -> tuple[tuple[int, int], bool]:
+        engine = target.engine
+        cid = _cid(msg.chunk)
+        async with self.chunk_lock(target, cid):
+            fwd = S.UpdateRequest()
+            fwd.CopyFrom(msg)
+            if utype == "remove":
+                await self._forward(target, fwd, (), None)
+                await engine.remove([cid])
+                return (0, 0), False
+            meta = await engine.get_meta(cid)
+            action = craq.forward_action(
+                exists=meta is not None, commit_ver=meta.commit_ver if meta else 0,
+                has_pending=bool(meta and meta.has_pending), commit_chain_ver=meta.chain_ver if meta else 0,
+                update_type=utype, update_ver=msg.update_version,
+                update_chain_ver=msg.update_chain_version, base_ver=msg.base_version,
+                full=msg.full_chunk)
+            if action is craq.ForwardAction.NEED_FULL:
+                return (0, 0), True
+            if action is craq.ForwardAction.DUPLICATE:
+                return (meta.commit_ver, meta.length), False
+            v, cv = msg.update_version, msg.update_chain_version
+            installed = False
+            if action is craq.ForwardAction.APPLY_DELTA:
+                try:
+                    await self._stage(engine, cid, utype, msg, payload, v, cv)
+                except (ChunkCorrupted, VersionError) as e:
+                    log.info("target %d chunk %s: cannot apply delta v%d (%s); asking for the full "
+                             "chunk", target.target_id, _hexid(cid), v, e)
+                    return (0, 0), True
+                full = (lambda: self._full_content(target, cid, msg.base_version, utype, msg, payload))
+            else:
+                installed = await self._apply_full(engine, cid, meta, payload, v, cv, msg.crc32c,
+                                                   msg.chunk_size)
+                full = None
+            await self._forward(target, fwd, (payload,) if len(payload) else (), full)
+            if installed:
+                m = await engine.get_meta(cid)
+            else:
+                m = await engine.commit(cid, v)
+            return (m.commit_ver, m.length), False
+
+    @staticmethod
+    async def _apply_full(engine: ChunkEngine, cid: bytes, meta: ChunkMeta | None, data: memoryview,
+                          version: int, chain_version: int, crc: int, chunk_size: int) -> bool:
+        """Make `data` the chunk's content at `version`: as a pending version when
+        possible (truncate to 0, then write everything, so no damaged old block
+        is read), else installed as committed. Returns True when installed."""
+        if meta is not None and meta.has_pending:
+            meta = await engine.abort(cid)
+        if meta is None or (version > meta.commit_ver and chain_version >= meta.chain_ver):
+            try:
+                if meta is not None:
+                    await engine.truncate(cid, 0, version, chain_version, chunk_size=chunk_size)
+                await engine.prepare_write(cid, 0, data, version, chain_version, chunk_size=chunk_size)
+                return False
+            except VersionError:
+                await engine.abort(cid)
+        await engine.install(cid, data, ChunkMeta(chunk_id=cid, commit_ver=version, update_ver=version,
+                                                  chain_ver=chain_version, length=len(data), crc=crc))
+        return True
+
+    # ----------------------------------------------------------------- remove chunks
+
+    async def _on_remove_chunks(self, msg: S.RemoveChunksRequest, payload: memoryview):
+        if len(payload):
+            raise StatusError(SC.INVALID_ARGUMENT, "remove chunks carries no payload")
+        target, role = await self._route(msg.chain_id, msg.chain_version)
+        if not role.is_head:
+            raise StatusError(SC.NOT_HEAD, f"target {target.target_id} is not the head of chain "
+                              f"{role.chain_id}", head_target=role.head or 0)
+        if msg.end_index and msg.end_index <= msg.begin_index:
+            return S.RemoveChunksReply(removed=0, more=False), ()
+        self._check_lease()
+        prefix = craq.inode_prefix(msg.inode)
+        limit = msg.max_chunks or (1 << 32)
+        cids: list[bytes] = []
+        more = False
+        async for m in target.engine.list_metas(prefix, page=1024):
+            _, index = craq.parse_chunk_id(m.chunk_id)
+            if index < msg.begin_index:
+                continue
+            if msg.end_index and index >= msg.end_index:
+                break
+            if len(cids) >= limit:
+                more = True
+                break
+            cids.append(m.chunk_id)
+        sem = asyncio.Semaphore(16)
+
+        async def one(cid: bytes) -> None:
+            inode, index = craq.parse_chunk_id(cid)
+            req = S.UpdateRequest(header=msg.header, chain_id=msg.chain_id,
+                                  chain_version=msg.chain_version, type=S.UPDATE_REMOVE,
+                                  chunk=S.ChunkId(inode=inode, index=index),
+                                  chunk_size=target.engine.max_chunk_size)
+            async with sem:
+                await self._head_update(target, req, memoryview(b""), "remove")
+
+        await asyncio.gather(*(one(c) for c in cids))
+        return S.RemoveChunksReply(removed=len(cids), more=more), ()
+
+    # ----------------------------------------------------------------- reads
+
+    async def _on_batch_read(self, msg: S.BatchReadRequest, payload: memoryview):
+        pieces = msg.pieces
+        if len(pieces) > MAX_READ_PIECES:
+            raise StatusError(SC.INVALID_ARGUMENT, f"batch read of {len(pieces)} pieces exceeds the "
+                              f"limit of {MAX_READ_PIECES}")
+        lengths = [p.length for p in pieces]
+        total = sum(lengths)
+        limit = self._server.max_payload if self._server else net.MAX_PAYLOAD
+        if total > limit:
+            raise StatusError(SC.INVALID_ARGUMENT, f"batch read of {total} bytes exceeds the "
+                              f"{limit}-byte reply limit; split it")
+        buf = self._read_buffers.get(total)
+        offsets = craq.slot_offsets(lengths)
+        results: list[S.ReadResult | None] = [None] * len(pieces)
+
+        async def one(i: int) -> None:
+            start, n = offsets[i], lengths[i]
+            try:
+                r = results[i] = await self._read_piece(pieces[i], buf[start:start + n],
+                                                        msg.allow_any_state)
+                got = r.length
+            except (StatusError, StorageError) as e:
+                text = e.message if isinstance(e, StatusError) else str(e)
+                results[i] = S.ReadResult(status=common_pb2.Status(code=e.code, message=text))
+                got = 0
+            if got < n:
+                buf[start + got:start + n] = 0    # pooled memory: never send stale bytes
+
+        if len(pieces) == 1:
+            await one(0)
+        else:
+            await asyncio.gather(*(one(i) for i in range(len(pieces))))
+        return S.BatchReadReply(results=results), ((buf,) if total else ())
+
+    async def _read_piece(self, p: S.ReadPiece, slot: memoryview, any_state: bool) -> S.ReadResult:
+        target, role = await self._route(p.chain_id, p.chain_version, check_version=not any_state)
+        if not any_state and not role.readable:
+            raise StatusError(SC.NOT_SERVING, f"target {target.target_id} of chain {role.chain_id} is "
+                              f"{role.state.name if role.state else 'not a member'}, not serving reads")
+        cid = _cid(p.chunk)
+        try:
+            n, meta = await target.engine.read(cid, p.offset, p.length, slot)
+        except ChunkNotFound as e:
+            raise StatusError(SC.NOT_FOUND, str(e)) from None
+        except ChunkNotCommitted as e:
+            if role.is_read_tail and not any_state:
+                # The tail's committed state is the chain's truth: nothing committed yet.
+                raise StatusError(SC.NOT_FOUND, str(e)) from None
+            raise StatusError(SC.NOT_COMMITTED, str(e)) from None
+        if meta.has_pending and not role.is_read_tail and not any_state:
+            raise StatusError(SC.NOT_COMMITTED, f"chunk {_hexid(cid)} has a pending version "
+                              f"{meta.update_ver} on target {target.target_id}; read from the tail")
+        return S.ReadResult(length=n, commit_version=meta.commit_ver, chunk_length=meta.length)
+
+    async def _on_query_last_chunk(self, msg: S.QueryLastChunkRequest, payload: memoryview):
+        target, role = await self._route(msg.chain_id, msg.chain_version)
+        if not role.readable:
+            raise StatusError(SC.NOT_SERVING, f"target {target.target_id} is not serving reads")
+        found = await target.engine.query_last_chunk(craq.inode_prefix(msg.inode))
+        if found is None:
+            return S.QueryLastChunkReply(found=False), ()
+        cid, length = found
+        _, index = craq.parse_chunk_id(cid)
+        return S.QueryLastChunkReply(found=True, index=index, length=length), ()
+
+    async def _on_dump(self, msg: S.DumpChunkMetaRequest, payload: memoryview):
+        target = self.targets.get(msg.target_id)
+        if target is None:
+            raise StatusError(SC.NOT_FOUND, f"target {msg.target_id} is not on storage node "
+                              f"{self.node_id} (it has {sorted(self.targets)})")
+        limit = min(msg.limit or 1024, MAX_DUMP_PAGE)
+        prefix = craq.inode_prefix(msg.inode) if msg.has_inode else b""
+        after = _cid(msg.start_after) if msg.has_start else None
+        # One page through the engine's own pool (its close() waits for it).
+        metas = await target.engine._run(target.engine.sync.list_page, prefix, after, limit + 1)
+        more = len(metas) > limit
+        out = []
+        for m in metas[:limit]:
+            if len(m.chunk_id) != craq.CHUNK_ID_LEN:
+                continue
+            out.append(meta_to_proto(m))
+        return S.DumpChunkMetaReply(metas=out, more=more), ()
+
+    # ----------------------------------------------------------------- resync (receiving side)
+
+    async def _sync_target(self, chain_id: int, chain_version: int, target_id: int) -> Target:
+        target, role = await self._route(chain_id, chain_version)
+        if target.target_id != target_id:
+            raise StatusError(SC.STALE_ROUTING, f"resync for target {target_id} reached target "
+                              f"{target.target_id}")
+        if role.state is not PublicState.SYNCING:
+            raise StatusError(SC.STALE_ROUTING, f"target {target_id} is "
+                              f"{role.state.name if role.state else 'not a member'}, not SYNCING")
+        return target
+
+    async def _on_sync_install(self, msg: S.SyncInstallRequest, payload: memoryview):
+        target = await self._sync_target(msg.chain_id, msg.chain_version, msg.target_id)
+        m = msg.meta
+        if len(payload) != m.length:
+            raise StatusError(SC.INVALID_ARGUMENT, f"install of {m.length} bytes carries {len(payload)}")
+        if m.commit_version < 1:
+            raise StatusError(SC.INVALID_ARGUMENT, "install needs a commit version >= 1")
+        cid = _cid(m.chunk)
+        async with self.chunk_lock(target, cid):
+            await target.engine.install(cid, payload, ChunkMeta(
+                chunk_id=cid, commit_ver=m.commit_version, update_ver=m.commit_version,
+                chain_ver=m.chain_version, length=m.length, crc=m.crc32c))
+        return S.SyncInstallReply(), ()
+
+    async def _on_sync_remove(self, msg: S.SyncRemoveRequest, payload: memoryview):
+        target = await self._sync_target(msg.chain_id, msg.chain_version, msg.target_id)
+        cids = sorted({_cid(c) for c in msg.chunks})
+        removed = 0
+        for cid in cids:
+            async with self.chunk_lock(target, cid):
+                removed += await target.engine.remove([cid])
+        return S.SyncRemoveReply(removed=removed), ()
+
+    async def _on_sync_done(self, msg: S.SyncDoneRequest, payload: memoryview):
+        target = await self._sync_target(msg.chain_id, msg.chain_version, msg.target_id)
+        target.synced_version = msg.chain_version
+        log.info("target %d resynced at chain %d v%d (%d chunks installed, %d removed)",
+                 target.target_id, msg.chain_id, msg.chain_version, msg.chunks_sent, msg.chunks_removed)
+        self._hb_wakeup.set()
+        return S.SyncDoneReply(), ()
+
+
+# --------------------------------------------------------------------------- command line
+
+def _parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    p = argparse.ArgumentParser(
+        prog="flyfs storage",
+        description="Run a storage daemon serving one target per data directory.",
+        epilog="example: flyfs storage --mgmtd 127.0.0.1:8000 --data /data/t0,/data/t1 "
+               "--listen 127.0.0.1:9000")
+    p.add_argument("--mgmtd", default=env("FLYFS_MGMTD"), required=env("FLYFS_MGMTD") is None,
+                   help="mgmtd address(es), HOST:PORT[,HOST:PORT...] (env FLYFS_MGMTD)")
+    p.add_argument("--data", default=env("FLYFS_STORAGE_DATA"), required=env("FLYFS_STORAGE_DATA") is None,
+                   help="comma-separated target directories (env FLYFS_STORAGE_DATA)")
+    p.add_argument("--listen", default=env("FLYFS_STORAGE_LISTEN", "127.0.0.1:0"),
+                   help="HOST:PORT for the data plane (env FLYFS_STORAGE_LISTEN; default %(default)s)")
+    p.add_argument("--advertise", default=env("FLYFS_STORAGE_ADVERTISE"),
+                   help="address to register, if not the listen address")
+    p.add_argument("--cluster-id", default=env("FLYFS_CLUSTER_ID", ""),
+                   help="expected cluster id (default: whatever mgmtd says)")
+    p.add_argument("--max-chunk-size", type=int, default=None,
+                   help="largest chunk a target accepts, bytes (default: the engine's 64 MiB)")
+    p.add_argument("--engine-workers", type=int, default=int(env("FLYFS_STORAGE_ENGINE_WORKERS", "8")),
+                   help="disk I/O threads per target (env FLYFS_STORAGE_ENGINE_WORKERS; default %(default)s)")
+    p.add_argument("--log-level", default=env("FLYFS_LOG_LEVEL", "INFO"))
+    return p
+
+
+async def _serve(args) -> None:
+    config = StorageConfig(max_chunk_size=args.max_chunk_size, engine_workers=args.engine_workers)
+    dirs = [d for d in args.data.split(",") if d.strip()]
+    for d in dirs:
+        os.makedirs(d, exist_ok=True)
+    server = StorageServer(args.mgmtd, dirs, args.listen, cluster_id=args.cluster_id, config=config,
+                           advertise=args.advertise)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    print(f"storage listening on {server.address} node {server.node_id} "
+          f"targets {','.join(str(t) for t in sorted(server.targets))}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`flyfs storage --mgmtd ADDR --data DIR[,DIR...] --listen HOST:PORT` until SIGINT/SIGTERM."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    import uvloop
+    try:
+        uvloop.run(_serve(args))
+    except (OSError, ValueError, RuntimeError, StorageError) as e:
+        print(f"flyfs storage: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,21 @@
+"""`flyfs bench storage` runs end to end (a benchmark, not a timed test)."""
+import re
+
+import pytest
+
+from flyfs.bench.storage import main
+
+ROW = re.compile(r"^(write|read), chain of ([13]), ([14]) MiB\s+([\d.]+) (\S?B/s)\s+([\d.]+) (\S?B/s)\s+([\d.]+)")
+
+
+@pytest.mark.slow
+def test_bench_storage_prints_every_figure_and_ratio(tmp_path, capsys):
+    assert main(["--size", "8MiB", "--depth", "2", "--data-dir", str(tmp_path / "bench")]) == 0
+    out = capsys.readouterr().out
+    assert "raw socket, 1 MiB blocks" in out and "raw socket, 4 MiB blocks" in out
+    rows = [ROW.match(line) for line in out.splitlines()]
+    found = {(m[1], m[2], m[3]) for m in rows if m}
+    assert found == {(op, c, s) for op in ("write", "read") for c in "13" for s in "14"}
+    for m in filter(None, rows):
+        value, baseline, ratio = float(m[4]), float(m[6]), float(m[8])
+        assert value > 0 and baseline > 0 and ratio > 0

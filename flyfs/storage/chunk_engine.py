@@ -1215,10 +1215,14 @@ class ChunkEngine:
     async def query_last_chunk(self, prefix: bytes) -> tuple[bytes, int] | None:
         return await self._run(self.sync.query_last_chunk, prefix)
 
+    async def list_page(self, prefix: bytes, after: bytes | None, limit: int) -> list[ChunkMeta]:
+        """Up to `limit` metas with `prefix`, in chunk id order, after chunk id `after`."""
+        return await self._run(self.sync.list_page, prefix, after, limit)
+
     async def list_metas(self, prefix: bytes = b"", *, page: int = 1024) -> AsyncIterator[ChunkMeta]:
         after = None
         while True:
-            metas = await self._run(self.sync.list_page, prefix, after, page)
+            metas = await self.list_page(prefix, after, page)
             for m in metas:
                 yield m
             if len(metas) < page:

@@ -1014,7 +1014,7 @@ class StorageServer:
         prefix = craq.inode_prefix(msg.inode) if msg.has_inode else b""
         after = _cid(msg.start_after) if msg.has_start else None
         # One page through the engine's own pool (its close() waits for it).
-        metas = await target.engine._run(target.engine.sync.list_page, prefix, after, limit + 1)
+        metas = await target.engine.list_page(prefix, after, limit + 1)
         more = len(metas) > limit
         out = []
         for m in metas[:limit]:

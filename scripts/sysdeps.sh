@@ -7,6 +7,7 @@ need=()
 command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 dpkg -s libfuse-dev >/dev/null 2>&1 || need+=(libfuse-dev)
+command -v rsync >/dev/null 2>&1 || need+=(rsync)   # the FUSE tests run rsync on the mount
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 [ ${#need[@]} -eq 0 ] && exit 0
 SUDO=""

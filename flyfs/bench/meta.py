@@ -3,19 +3,25 @@
 Phases (all clients in ONE shared directory, the hard case): create
 (create + close, as creat(2) then close(2) through FUSE), stat (lookup),
 rename (within the directory), remove (unlink). Each with 1 and 8 clients,
-on rocksdb and etcd, three ways:
+on rocksdb and etcd, several ways:
 
-- direct: MetaService called in-process (the cost of the service and the KV),
-- grpc:   a `flyfs meta` process, one RPC per operation,
-- batch:  the same process, operations sent 32 to a Batch RPC,
+- direct:   MetaService called in-process (the cost of the service and the KV),
+- grpc:     a `flyfs meta` process, one gRPC call per operation,
+- batch:    the same process, operations sent 32 to a gRPC Batch call,
+- net:      the same process, one call per operation over flyfs/net framing
+            (the same meta.proto messages; MetaClient("tcp://...") with coalesce off),
+- netauto:  flyfs/net as MetaClient does it by default: calls issued in the
+            same loop iteration (here by the concurrent clients) coalesced
+            into one Batch call,
+- netbatch: Batch calls of 32 over flyfs/net,
 
-so the gap between direct and grpc is the RPC cost, and batch shows how much
-of it spreading calls recovers (the question: does gRPC's ~0.85 ms CPU per
-call need batching or a lighter framing?). The server process's CPU per
-operation is reported from /proc. Anchor measured on this machine with
-MooseFS: ~3,400 creates/s, 8,200 stats/s, 4,200 removes/s.
+so the gap between direct and grpc is the RPC cost, and batch/net show how
+much of it spreading calls or a lighter framing recovers. The server
+process's CPU per operation is reported from /proc. Anchor measured on this
+machine with MooseFS: ~3,400 creates/s, 8,200 stats/s, 4,200 removes/s.
 
-    flyfs bench meta [--quick] [--ops N] [--engines rocksdb,etcd] [--modes direct,grpc,batch]
+    flyfs bench meta [--quick] [--ops N] [--engines rocksdb,etcd]
+                     [--modes direct,grpc,batch,net,netauto,netbatch]
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ from . import report
 ANCHOR = {"create": 3400, "stat": 8200, "rename": None, "remove": 4200}
 PHASES = ("create", "stat", "rename", "remove")
 BATCH = 32
+MODES = ("direct", "grpc", "batch", "net", "netauto", "netbatch")
 
 
 class _Direct:
@@ -139,12 +146,12 @@ async def _start_server(url: str):
         "--kv", url, "--listen", "127.0.0.1:0", "--chains", "1,2,3,4", "--log-level", "WARNING", "--root-mode", "1777",
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
-    m = re.search(r"listening on [\d.]+:(\d+)", line)
+    m = re.search(r"listening on [\d.]+:(\d+).*, net (tcp://\S+)", line)
     if not m:
         proc.kill()
         await proc.wait()
         raise RuntimeError(f"flyfs meta did not start: {line.strip()!r}")
-    return proc, int(m.group(1))
+    return proc, int(m.group(1)), m.group(2)
 
 
 async def _bench(engines, modes, total, tmp) -> list[dict]:
@@ -180,9 +187,11 @@ async def _bench(engines, modes, total, tmp) -> list[dict]:
                     finally:
                         await kv.close()
                 else:
-                    proc, port = await _start_server(url)
+                    proc, port, net_address = await _start_server(url)
+                    target = net_address if mode.startswith("net") else f"127.0.0.1:{port}"
                     try:
-                        async with MetaClient(f"127.0.0.1:{port}", user=Caller(1000, (1000,))) as c:
+                        async with MetaClient(target, user=Caller(1000, (1000,))) as c:
+                            c.coalesce = mode == "netauto"
                             for clients in (1, 8):
                                 row = await _measure(_Remote(c), clients, total, mode, proc.pid)
                                 rows.append({"engine": engine, "mode": mode, "clients": clients, **row})
@@ -214,14 +223,14 @@ def main(argv: list[str]) -> int:
     p.add_argument("--quick", action="store_true", help="few operations per phase (a smoke run)")
     p.add_argument("--ops", type=int, default=0, help="operations per phase (default 2000, quick 400)")
     p.add_argument("--engines", default="rocksdb,etcd")
-    p.add_argument("--modes", default="direct,grpc,batch")
+    p.add_argument("--modes", default=",".join(MODES))
     args = p.parse_args(argv)
     total = args.ops or (400 if args.quick else 2000)
     engines = [e for e in args.engines.split(",") if e]
     modes = [m for m in args.modes.split(",") if m]
     for m in modes:
-        if m not in ("direct", "grpc", "batch"):
-            p.error(f"unknown mode {m!r}: choose from direct, grpc, batch")
+        if m not in MODES:
+            p.error(f"unknown mode {m!r}: choose from {', '.join(MODES)}")
     report.params("flyfs bench meta", engines=", ".join(engines), modes=", ".join(modes),
                   ops_per_phase=total, clients="1, 8", directory="one shared directory",
                   batch_size=BATCH)

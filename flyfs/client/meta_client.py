@@ -1,4 +1,4 @@
-"""Async client of the metadata service (flyfs meta) over gRPC.
+"""Async client of the metadata service (flyfs meta), over gRPC or flyfs/net.
 
 Methods mirror MetaService; each takes an optional ``user`` (a Caller: uid,
 gids) for callers that act for many users (FUSE), defaulting to the
@@ -10,9 +10,20 @@ client's own. A failed operation raises OSError with the server's errno
         f, session = await meta.create(d.ino, "a", 0o644, os.O_WRONLY)
         await meta.close(f.ino, session, length=0)
 
-Retries: a call that cannot reach the server (UNAVAILABLE) is retried with
-the same request uuid, which makes remove and rename exactly-once; a
-mkdir/create retried after a lost answer may report EEXIST, as over NFS.
+Transports, chosen by the target: ``HOST:PORT`` is gRPC; ``tcp://HOST:PORT``
+is the same meta.proto messages over the flyfs/net framing (the server's
+NodeInfo.data_address; see flyfs/metaserver/netserver.py), several times
+cheaper per call. `pick_meta_target(node_info)` chooses from mgmtd's routing
+info. Same methods, errors and retries either way; over flyfs/net each event
+loop (and each process, after fork) gets its own connection pool, and calls
+issued concurrently (in one loop iteration) go out as one Batch call
+(`MetaClient.coalesce`; measured in flyfs/bench/meta.py, mode netauto).
+
+Retries: a call that cannot reach the server (UNAVAILABLE; over flyfs/net a
+refused, reset or lost connection) is retried with the same request uuid,
+which makes remove and rename exactly-once; a mkdir/create retried after a
+lost answer may report EEXIST, as over NFS. Timeouts and protocol errors are
+not retried; they raise OSError(EIO).
 """
 from __future__ import annotations
 
@@ -24,7 +35,9 @@ from typing import AsyncIterator
 
 import grpc
 
+from .. import net
 from ..metaserver import wire
+from ..metaserver.netserver import BATCHABLE, MAX_MESSAGE, METHOD_IDS, METHODS
 from ..metaserver.perm import Caller
 from ..metaserver.schema import ROOT_INO, DirEntry, Inode, StatFs
 from ..proto import common_pb2
@@ -32,6 +45,31 @@ from ..proto import meta_pb2 as pb
 from ..proto import meta_pb2_grpc
 
 _RETRY_CODES = (grpc.StatusCode.UNAVAILABLE,)
+NET_SCHEME = "tcp://"
+MAX_COALESCE = 256      # calls in one coalesced Batch (the server takes up to 1024)
+_ALONE = object()       # a coalescable call with no company: sent as a plain call
+
+
+class _NetLink:
+    """One event loop's flyfs/net connections to the server, and the calls
+    waiting for the end of the loop iteration to go out together."""
+
+    __slots__ = ("loop", "pool", "pending", "tasks")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, pool: net.ConnectionPool):
+        self.loop = loop
+        self.pool = pool
+        self.pending: list = []             # (MetaOp field, request, future)
+        self.tasks: set[asyncio.Task] = set()
+
+
+def pick_meta_target(node_info) -> str:
+    """The target to give MetaClient for a NODE_META NodeInfo from mgmtd's routing
+    info: its flyfs/net address (tcp://HOST:PORT) when it serves one, else its gRPC address."""
+    data = getattr(node_info, "data_address", "")
+    if data:
+        return data if "://" in data else NET_SCHEME + data
+    return node_info.address
 
 
 def default_caller(client_id: str = "") -> Caller:
@@ -45,7 +83,13 @@ def raise_for(status) -> None:
 
 
 class MetaClient:
-    """Client of one metadata server address (HOST:PORT)."""
+    """Client of one metadata server: gRPC at HOST:PORT, or flyfs/net at tcp://HOST:PORT."""
+
+    #: flyfs/net only: calls issued in the same event-loop iteration (concurrent
+    #: callers) that a Batch can carry go out as one Batch call. Each is still its
+    #: own transaction with its own uuid, user and reply; concurrent calls had no
+    #: order among them anyway. False sends every call alone.
+    coalesce = True
 
     def __init__(self, target: str, *, user: Caller | None = None, client_id: str | None = None,
                  timeout: float = 30.0, retries: int = 5, cluster_id: str = ""):
@@ -59,6 +103,11 @@ class MetaClient:
         self.cluster_id = cluster_id
         self._channel: grpc.aio.Channel | None = None
         self._stub: meta_pb2_grpc.MetaStub | None = None
+        self._net = target.startswith(NET_SCHEME)
+        if self._net:
+            net.parse_address(target)   # ValueError now, not at the first call
+        self._links: dict[asyncio.AbstractEventLoop, _NetLink] = {}
+        self._links_pid = os.getpid()
 
     async def __aenter__(self) -> "MetaClient":
         return self
@@ -73,10 +122,33 @@ class MetaClient:
             self._stub = meta_pb2_grpc.MetaStub(self._channel)
         return self._stub
 
+    def _link(self) -> _NetLink:
+        """This event loop's connections (a loop's connections cannot serve another loop)."""
+        loop = asyncio.get_running_loop()
+        if self._links_pid != os.getpid():   # a forked child: the parent's connections are not ours
+            self._links, self._links_pid = {}, os.getpid()
+        link = self._links.get(loop)
+        if link is None:
+            for old in [lp for lp in self._links if lp.is_closed()]:
+                del self._links[old]
+            link = self._links[loop] = _NetLink(loop, net.ConnectionPool(
+                connect_timeout=self.timeout, max_header=MAX_MESSAGE, max_payload=0))
+        return link
+
     async def close_channel(self) -> None:
+        """Close the connections (gRPC channel or flyfs/net pools); the next call reopens them."""
         if self._channel is not None:
             await self._channel.close()
             self._channel = self._stub = None
+        links, self._links = self._links, {}
+        if self._links_pid != os.getpid():
+            return
+        here = asyncio.get_running_loop()
+        for loop, link in links.items():
+            if loop is here:
+                await link.pool.close()
+            elif loop.is_running():
+                asyncio.run_coroutine_threadsafe(link.pool.close(), loop)
 
     def _header(self, user: Caller | None, uuid: bytes):
         who = user or self.user
@@ -88,6 +160,8 @@ class MetaClient:
         """Send `build(header)`, retrying unreachable-server failures with the same uuid."""
         uuid = uuidlib.uuid4().bytes
         request = build(self._header(user, uuid))
+        if self._net:
+            return await self._call_net(method, request)
         delay = 0.05
         for attempt in range(self.retries + 1):
             try:
@@ -101,6 +175,83 @@ class MetaClient:
             if hasattr(reply, "status"):
                 raise_for(reply.status)
             return reply
+        raise AssertionError("unreachable")
+
+    async def _call_net(self, method: str, request):
+        """`_call` over flyfs/net; a batchable call waits for the end of this loop
+        iteration and goes out in one Batch call with the others issued meanwhile."""
+        link = self._link()
+        field = BATCHABLE.get(method) if self.coalesce else None
+        reply = _ALONE
+        if field is not None:
+            fut = link.loop.create_future()
+            link.pending.append((field, request, fut))
+            if len(link.pending) == 1:
+                link.loop.call_soon(self._flush, link)
+            reply = await fut
+        if reply is _ALONE:
+            reply = await self._send_net(method, request)
+        if hasattr(reply, "status"):
+            raise_for(reply.status)
+        return reply
+
+    def _flush(self, link: _NetLink) -> None:
+        waiting = [p for p in link.pending if not p[2].done()]     # callers cancelled meanwhile drop out
+        link.pending = []
+        for i in range(0, len(waiting), MAX_COALESCE):
+            part = waiting[i:i + MAX_COALESCE]
+            if len(part) == 1:
+                part[0][2].set_result(_ALONE)   # alone: its caller sends it as a plain call
+                continue
+            task = link.loop.create_task(self._send_batch(part))
+            link.tasks.add(task)
+            task.add_done_callback(link.tasks.discard)
+
+    async def _send_batch(self, part: list) -> None:
+        """One Batch call for coalesced calls; each caller gets its own reply (or error)."""
+        req = pb.BatchReq(ops=[pb.MetaOp(**{field: request}) for field, request, _ in part])
+        try:
+            results = (await self._send_net("Batch", req)).results
+        except OSError as e:
+            for _, _, fut in part:
+                if not fut.done():
+                    fut.set_exception(OSError(e.errno, e.strerror))
+            return
+        except asyncio.CancelledError:
+            for _, _, fut in part:
+                fut.cancel()
+            raise
+        for i, (_, _, fut) in enumerate(part):
+            if fut.done():
+                continue
+            if i < len(results):
+                r = results[i]
+                fut.set_result(r.attr if r.WhichOneof("result") == "attr" else r.empty)
+            else:
+                fut.set_exception(OSError(errno.EIO, f"metadata server {self.target}: a Batch reply held "
+                                                     f"{len(results)} results for {len(part)} operations"))
+
+    async def _send_net(self, method: str, request):
+        """One call over flyfs/net with `_call`'s retries (connection failures only, same uuid);
+        returns the reply message without looking at its status."""
+        mid = METHOD_IDS[method]
+        data = request.SerializeToString()
+        delay = 0.05
+        for attempt in range(self.retries + 1):
+            try:
+                raw = await self._link().pool.call(self.target, mid, data, timeout=self.timeout)
+            except (net.RequestTimeout, net.ProtocolError, net.RemoteError) as e:
+                raise OSError(errno.EIO, f"metadata server {self.target}: {type(e).__name__}: {e}") from None
+            except net.TransportError as e:
+                if attempt < self.retries:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+                    continue
+                raise OSError(errno.EIO, f"metadata server {self.target}: UNAVAILABLE: {e}") from None
+            try:
+                return METHODS[mid].reply.FromString(raw.header)
+            except Exception as e:
+                raise OSError(errno.EIO, f"metadata server {self.target}: malformed {method} reply: {e}") from None
         raise AssertionError("unreachable")
 
     async def _attr(self, method: str, build, user) -> Inode:

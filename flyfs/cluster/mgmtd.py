@@ -31,7 +31,7 @@ list in id order; values are serialized mgmtd.proto messages unless noted):
     mgmtd/cluster_id                  utf-8 cluster id, set on first start
     mgmtd/routing_version             decimal
     mgmtd/next/{node,target,chain}    decimal: the next id to hand out
-    mgmtd/node/<u64 node_id>          NodeInfo (node_id, type, address, pid, hostname, registered_ms)
+    mgmtd/node/<u64 node_id>          NodeInfo (node_id, type, address, pid, hostname, registered_ms, data_address)
     mgmtd/target/<u64 target_id>      TargetInfo (target_id, node_id, chain_id, data_path, admin_offline)
     mgmtd/chain/<u64 chain_id>        ChainInfo
     mgmtd/table/<u32 id><u32 version> ChainTableInfo
@@ -575,6 +575,8 @@ class Mgmtd:
             raise MgmtdError(INVALID_ARGUMENT, f"node type {req.type} is not STORAGE, META or CLIENT")
         if req.type != mgmtd_pb2.NODE_CLIENT or req.address:  # a mount need not listen anywhere
             _check_address(req.address, "node address")
+        if req.data_address:  # a flyfs/net address: tcp://HOST:PORT
+            _check_address(req.data_address.split("://", 1)[-1], "node data address")
         if req.targets and req.type != mgmtd_pb2.NODE_STORAGE:
             raise MgmtdError(INVALID_ARGUMENT, "only storage nodes have targets")
         paths, ids = set(), set()
@@ -594,6 +596,16 @@ class Mgmtd:
             puts: dict = {}
             staged: dict = {}
             node_id = req.node_id
+            if not node_id:
+                # A process that lost its node id (a stateless metadata server)
+                # and now holds the same address on the same host replaces the
+                # node that had it: only one process can bind an address, so the
+                # old one is gone even if its heartbeat has not timed out yet.
+                for n in self._nodes.values():
+                    if (n.address == req.address and n.type == req.type and n.hostname == req.hostname
+                            and n.pid != req.pid and req.type != mgmtd_pb2.NODE_CLIENT):
+                        node_id = n.node_id
+                        break
             old = self._nodes.get(node_id) if node_id else None
             if old is not None and old.type != req.type:
                 raise MgmtdError(INVALID_ARGUMENT, f"node {node_id} is registered as "
@@ -608,7 +620,8 @@ class Mgmtd:
                 staged["node"] = node_id + 1
                 puts[K_NEXT + b"node"] = str(node_id + 1).encode()
             node = mgmtd_pb2.NodeInfo(node_id=node_id, type=req.type, address=req.address, pid=req.pid,
-                                      hostname=req.hostname, registered_ms=_now_ms())
+                                      hostname=req.hostname, registered_ms=_now_ms(),
+                                      data_address=req.data_address)
             puts[K_NODE + _u64(node_id)] = node.SerializeToString()
             new_targets = []
             for spec in req.targets:

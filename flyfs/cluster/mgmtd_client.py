@@ -242,14 +242,16 @@ class MgmtdClient:
             return self._routing
 
     async def register_node(self, node_type: int, address: str, *, targets: Iterable = (), node_id: int = 0,
-                            pid: int | None = None, hostname: str | None = None) -> mgmtd_pb2.RegisterNodeReply:
-        """Register this process; `targets` are (target_id or 0, data_path). Once per process start."""
+                            pid: int | None = None, hostname: str | None = None,
+                            data_address: str = "") -> mgmtd_pb2.RegisterNodeReply:
+        """Register this process; `targets` are (target_id or 0, data_path). Once per process start.
+        `data_address`: where the node also serves flyfs/net (tcp://HOST:PORT), if it does."""
         specs = [t if isinstance(t, mgmtd_pb2.TargetSpec) else mgmtd_pb2.TargetSpec(target_id=t[0], data_path=t[1])
                  for t in targets]
         req = mgmtd_pb2.RegisterNodeRequest(
             header=self._header(), node_id=node_id, type=node_type, address=address,
             pid=os.getpid() if pid is None else pid, hostname=os.uname().nodename if hostname is None else hostname,
-            targets=specs)
+            targets=specs, data_address=data_address)
         return await self._call("RegisterNode", req)
 
     async def heartbeat(self, node_id: int, targets: Iterable = (), *,

@@ -5,6 +5,11 @@ message; an OSError becomes Status(code=errno, message). Anything else
 (the KV unreachable, a bug) becomes EIO with a one-line message and a log
 entry, never a transport error.
 
+The process serves the same RPCs twice: gRPC on --listen (tools,
+compatibility) and the flyfs/net framing on --net-listen (netserver.py; the
+fast path clients take), and registers both addresses with mgmtd
+(NodeInfo.address, NodeInfo.data_address).
+
     flyfs meta --kv rocksdb:///var/lib/flyfs/meta --listen 127.0.0.1:8001 --chains 1,2,3,4
 """
 from __future__ import annotations
@@ -24,6 +29,7 @@ from ..proto import common_pb2, meta_pb2, meta_pb2_grpc
 from . import wire
 from .common import MetaConfig
 from .layout import ChainTable, static_chain_table
+from .netserver import start_net_server
 from .service import MetaService
 from .storage_ops import NoStorage
 
@@ -228,6 +234,9 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
                    help="KV engine URL: rocksdb:///DIR, etcd://HOST:PORT/PREFIX, memory://NAME [FLYFS_META_KV]")
     p.add_argument("--listen", default=env("FLYFS_META_LISTEN", "127.0.0.1:8001"),
                    help="HOST:PORT to serve gRPC on (default %(default)s) [FLYFS_META_LISTEN]")
+    p.add_argument("--net-listen", default=env("FLYFS_META_NET_LISTEN", ""),
+                   help="HOST:PORT to serve the same RPCs over flyfs/net framing (default: the --listen "
+                        "host, port 0 = any free port; 'off' disables) [FLYFS_META_NET_LISTEN]")
     p.add_argument("--mgmtd", default=env("FLYFS_MGMTD"), help="cluster manager address (optional) [FLYFS_MGMTD]")
     p.add_argument("--chains", default=env("FLYFS_META_CHAINS", ""),
                    help="static chain table (comma-separated chain ids) until mgmtd provides one [FLYFS_META_CHAINS]")
@@ -241,6 +250,10 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
         args.chains = [int(c) for c in args.chains.split(",") if c.strip()]
     except ValueError:
         p.error(f"--chains must be comma-separated chain ids, got {args.chains!r}")
+    if args.net_listen not in ("", "off"):
+        host, sep, port = args.net_listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            p.error(f"--net-listen must be HOST:PORT or 'off', got {args.net_listen!r}")
     return args
 
 
@@ -258,15 +271,20 @@ async def serve(args: argparse.Namespace) -> int:
         table = None
     svc = MetaService(engine, storage=cluster.storage_ops if cluster else NoStorage(), config=config,
                       chain_table=table, space=cluster.space if cluster else None)
-    server = None
+    server = net_server = None
     try:
         await svc.format(root_mode=args.root_mode)
         server, port = await start_server(svc, args.listen)
         host = args.listen.rsplit(":", 1)[0]
+        if args.net_listen != "off":
+            net_host, _, net_port = (args.net_listen or f"{host}:0").rpartition(":")
+            net_server = await start_net_server(svc, net_host.strip("[]"), int(net_port))
+        data_address = net_server.address if net_server else ""
         if cluster:
-            await cluster.register(f"{host}:{port}")
+            await cluster.register(f"{host}:{port}", data_address)
         svc.start_gc()
-        print(f"flyfs meta listening on {host}:{port} (kv {args.kv})", flush=True)
+        print(f"flyfs meta listening on {host}:{port} (kv {args.kv})"
+              + (f", net {data_address}" if data_address else ""), flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -275,6 +293,8 @@ async def serve(args: argparse.Namespace) -> int:
         log.info("stopping")
         return 0
     finally:
+        if net_server is not None:
+            await net_server.close()
         if server is not None:
             await server.stop(grace=2)
         await svc.stop()
@@ -317,13 +337,14 @@ class ClusterLink:
         replicas = max(1, round(sum(len(c.targets) for c in chains) / len(chains))) if chains else 1
         return total // replicas, max(0, total - used) // replicas
 
-    async def register(self, address: str) -> None:
+    async def register(self, address: str, data_address: str = "") -> None:
         from ..proto import mgmtd_pb2
-        reply = await self.mgmtd.register_node(mgmtd_pb2.NODE_META, address)
+        reply = await self.mgmtd.register_node(mgmtd_pb2.NODE_META, address, data_address=data_address)
         self.node_id = reply.node_id
         interval = max(0.2, reply.lease_ms / 1000 / 4) if reply.lease_ms else 1.0
         self._heartbeat = asyncio.ensure_future(self._beat(interval))
-        log.info("registered with mgmtd as meta node %d at %s", self.node_id, address)
+        log.info("registered with mgmtd as meta node %d at %s (net %s)", self.node_id, address,
+                 data_address or "off")
 
     async def _beat(self, interval: float) -> None:
         while True:

@@ -26,7 +26,12 @@ if _version_not_supported:
 
 
 class MetaStub:
-    """Missing associated documentation comment in .proto file."""
+    """Method ids: over the flyfs/net framing (flyfs/metaserver/netserver.py) a
+    method's id is its index in this service (Lookup = 0, GetAttr = 1, ...), the
+    request frame's header is the serialized request message and the reply
+    frame's header the serialized reply. So: only ever APPEND methods at the end;
+    never reorder, insert or remove one (a retired method stays, unimplemented).
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -167,7 +172,12 @@ class MetaStub:
 
 
 class MetaServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Method ids: over the flyfs/net framing (flyfs/metaserver/netserver.py) a
+    method's id is its index in this service (Lookup = 0, GetAttr = 1, ...), the
+    request frame's header is the serialized request message and the reply
+    frame's header the serialized reply. So: only ever APPEND methods at the end;
+    never reorder, insert or remove one (a retired method stays, unimplemented).
+    """
 
     def Lookup(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -467,7 +477,12 @@ def add_MetaServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Meta:
-    """Missing associated documentation comment in .proto file."""
+    """Method ids: over the flyfs/net framing (flyfs/metaserver/netserver.py) a
+    method's id is its index in this service (Lookup = 0, GetAttr = 1, ...), the
+    request frame's header is the serialized request message and the reply
+    frame's header the serialized reply. So: only ever APPEND methods at the end;
+    never reorder, insert or remove one (a retired method stays, unimplemented).
+    """
 
     @staticmethod
     def Lookup(request,

@@ -1,0 +1,197 @@
+"""Standard io objects over flyfs files: `FileSystem.open` returns them.
+
+`RawFile` is an io.RawIOBase (readinto, write, seek, tell, truncate, flush,
+fsync); `open_file` wraps it like the built-in open(): BufferedReader,
+BufferedWriter or BufferedRandom for binary modes, TextIOWrapper for text.
+Modes r/w/a/x with + and b/t, as open(). Data written through a RawFile is
+on the storage chains when write() returns; the file length is reported to
+the metadata service on flush (through fsync()), on close, and
+periodically while writing.
+"""
+from __future__ import annotations
+
+import io
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .fs import FileSystem, Handle
+
+__all__ = ["RawFile", "open_file", "parse_mode", "handle_of"]
+
+
+def parse_mode(mode: str) -> tuple[int, bool, bool, bool]:
+    """open() mode -> (open flags, binary, readable, writable); ValueError if invalid."""
+    if not isinstance(mode, str):
+        raise TypeError(f"open() mode must be str, not {type(mode).__name__}")
+    chars = set(mode)
+    if len(chars) != len(mode) or chars - set("rwaxbt+") or sum(c in chars for c in "rwax") != 1:
+        raise ValueError(f"invalid mode: {mode!r}")
+    if "b" in chars and "t" in chars:
+        raise ValueError("can't have text and binary mode at once")
+    plus = "+" in chars
+    if "r" in chars:
+        flags = os.O_RDWR if plus else os.O_RDONLY
+    elif "w" in chars:
+        flags = (os.O_RDWR if plus else os.O_WRONLY) | os.O_CREAT | os.O_TRUNC
+    elif "a" in chars:
+        flags = (os.O_RDWR if plus else os.O_WRONLY) | os.O_CREAT | os.O_APPEND
+    else:
+        flags = (os.O_RDWR if plus else os.O_WRONLY) | os.O_CREAT | os.O_EXCL
+    readable = "r" in chars or plus
+    writable = not ("r" in chars) or plus
+    return flags, "b" in chars, readable, writable
+
+
+class RawFile(io.RawIOBase):
+    """An open flyfs file as an unbuffered binary stream (one RPC per call)."""
+
+    def __init__(self, fs: "FileSystem", handle: "Handle", mode: str, name: str):
+        super().__init__()
+        self._fs = fs
+        self._h = handle
+        self.mode = mode
+        self.name = name
+        self._pos = handle.size if handle.append else 0
+
+    # ---- io.RawIOBase ------------------------------------------------------------------------------
+    @property
+    def handle(self) -> "Handle":
+        return self._h
+
+    def readable(self) -> bool:
+        self._checkClosed()
+        return self._h.readable
+
+    def writable(self) -> bool:
+        self._checkClosed()
+        return self._h.writable
+
+    def seekable(self) -> bool:
+        self._checkClosed()
+        return True
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("flyfs files have no OS file descriptor (use the FUSE mount for one)")
+
+    def isatty(self) -> bool:
+        return False
+
+    def readinto(self, b) -> int:
+        self._checkClosed()
+        if not self._h.readable:
+            raise io.UnsupportedOperation("File not open for reading")
+        n = self._fs._run_core("pread_into", self._h, b, self._pos)
+        self._pos += n
+        return n
+
+    def readall(self) -> bytes:
+        self._checkClosed()
+        if not self._h.readable:
+            raise io.UnsupportedOperation("File not open for reading")
+        size = self._fs._run_core("fgetattr", self._h).size
+        chunks = []
+        want = max(size - self._pos, 0)
+        while True:
+            buf = bytearray(max(want, 1 << 16))
+            n = self._fs._run_core("pread_into", self._h, buf, self._pos)
+            if not n:
+                break
+            self._pos += n
+            del buf[n:]
+            chunks.append(bytes(buf))
+            want = 1 << 20  # it grew while we read: keep going until EOF
+        return b"".join(chunks)
+
+    def write(self, b) -> int:
+        self._checkClosed()
+        if not self._h.writable:
+            raise io.UnsupportedOperation("File not open for writing")
+        mv = memoryview(b).cast("B")
+        if self._h.append:
+            n = self._fs._run_core("pwrite", self._h, mv, None)
+            self._pos = self._h.size
+        else:
+            n = self._fs._run_core("pwrite", self._h, mv, self._pos)
+            self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._checkClosed()
+        if whence == io.SEEK_SET:
+            pos = offset
+        elif whence == io.SEEK_CUR:
+            pos = self._pos + offset
+        elif whence == io.SEEK_END:
+            pos = self._fs._run_core("fgetattr", self._h).size + offset
+        else:
+            raise ValueError(f"invalid whence ({whence}, should be 0, 1 or 2)")
+        if pos < 0:
+            raise OSError(22, "Invalid argument", self.name)
+        self._pos = pos
+        return pos
+
+    def tell(self) -> int:
+        self._checkClosed()
+        return self._pos
+
+    def truncate(self, size: int | None = None) -> int:
+        self._checkClosed()
+        if not self._h.writable:
+            raise io.UnsupportedOperation("File not open for writing")
+        size = self._pos if size is None else size
+        self._fs._run_core("truncate", self._h, size)
+        return size
+
+    def fsync(self) -> None:
+        """Report the length to the metadata service (the data is already on the chains)."""
+        self._checkClosed()
+        self._fs._run_core("fsync", self._h)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            super().close()
+        finally:
+            if not self._h.closed:
+                self._fs._run_core("close_handle", self._h)
+
+    def __repr__(self) -> str:
+        return f"<flyfs.RawFile name={self.name!r} mode={self.mode!r}>"
+
+
+def open_file(fs: "FileSystem", handle: "Handle", path: str, mode: str, buffering: int,
+              encoding: str | None, errors: str | None, newline: str | None, binary: bool,
+              default_buffer: int) -> io.IOBase:
+    """Wrap a Handle like the built-in open() wraps a descriptor."""
+    raw = RawFile(fs, handle, mode.replace("t", ""), path)
+    try:
+        if buffering == 0:
+            return raw
+        size = default_buffer if buffering in (-1, 1) else buffering
+        if handle.readable and handle.writable:
+            buffered = io.BufferedRandom(raw, size)
+        elif handle.writable:
+            buffered = io.BufferedWriter(raw, size)
+        else:
+            buffered = io.BufferedReader(raw, size)
+        if binary:
+            return buffered
+        text = io.TextIOWrapper(buffered, encoding, errors, newline, line_buffering=buffering == 1)
+        text.mode = mode
+        return text
+    except BaseException:
+        raw.close()
+        raise
+
+
+def handle_of(obj) -> "Handle | None":
+    """The Handle behind a flyfs file object (raw, buffered or text), or None."""
+    seen = 0
+    while obj is not None and seen < 4:
+        if isinstance(obj, RawFile):
+            return obj.handle
+        obj = getattr(obj, "buffer", None) or getattr(obj, "raw", None)
+        seen += 1
+    return None

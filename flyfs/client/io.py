@@ -1,0 +1,165 @@
+"""Chunk math of the client (pure, no I/O) and parallel issue of chunk pieces.
+
+A file's bytes live in chunks of `layout.chunk_size`; chunk i of the file is
+on chain ``layout.chains[(layout.seed + i) % layout.stripe]``. A read or write
+of (offset, length) is cut into one `Piece` per chunk it touches; the pieces
+of different chunks are independent and are issued concurrently, across all
+the chains of the file at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+from dataclasses import dataclass
+from typing import Awaitable, Iterable, Sequence, TypeVar
+
+__all__ = ["Piece", "chain_of", "split", "by_chain", "chunk_span", "gather_limited", "DataPlane",
+           "storage_error",
+           "MAX_INFLIGHT"]
+
+T = TypeVar("T")
+
+MAX_INFLIGHT = 64  # chunk requests in flight per operation
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """The part of one chunk touched by a file range."""
+
+    index: int         # chunk index within the file
+    chain: int         # chain id holding the chunk
+    chunk_offset: int  # where the piece starts inside the chunk
+    length: int
+    buf_offset: int    # where the piece starts in the caller's buffer
+
+
+def _check_layout(layout) -> None:
+    if layout.chunk_size <= 0 or layout.stripe <= 0 or len(layout.chains) < layout.stripe:
+        raise ValueError(f"unusable file layout: chunk size {layout.chunk_size}, stripe {layout.stripe}, "
+                         f"{len(layout.chains)} chains")
+
+
+def chain_of(layout, index: int) -> int:
+    """The chain holding chunk `index` of a file with `layout`."""
+    return layout.chains[(layout.seed + index) % layout.stripe]
+
+
+def split(layout, offset: int, length: int) -> list[Piece]:
+    """Cut the file range [offset, offset + length) into per-chunk pieces, in file order."""
+    if offset < 0 or length < 0:
+        raise ValueError(f"negative file range: offset {offset}, length {length}")
+    if length == 0:
+        return []
+    _check_layout(layout)
+    cs = layout.chunk_size
+    pieces = []
+    pos, end = offset, offset + length
+    while pos < end:
+        index, inner = divmod(pos, cs)
+        n = min(cs - inner, end - pos)
+        pieces.append(Piece(index, chain_of(layout, index), inner, n, pos - offset))
+        pos += n
+    return pieces
+
+
+def by_chain(pieces: Iterable[Piece]) -> dict[int, list[Piece]]:
+    """Group pieces by chain, keeping their order."""
+    out: dict[int, list[Piece]] = {}
+    for p in pieces:
+        out.setdefault(p.chain, []).append(p)
+    return out
+
+
+def chunk_span(layout, length: int) -> int:
+    """How many chunks a file of `length` bytes spans."""
+    return -(-length // layout.chunk_size) if length > 0 else 0
+
+
+async def gather_limited(aws: Sequence[Awaitable[T]], limit: int = MAX_INFLIGHT) -> list[T]:
+    """Await all of `aws` with at most `limit` running at once; results in order.
+
+    The first failure cancels the ones not finished and is raised.
+    """
+    if len(aws) <= limit:
+        if len(aws) == 1:
+            return [await aws[0]]
+        return await _gather_or_cancel([asyncio.ensure_future(a) for a in aws])
+    sem = asyncio.Semaphore(limit)
+
+    async def one(a):
+        async with sem:
+            return await a
+
+    return await _gather_or_cancel([asyncio.ensure_future(one(a)) for a in aws])
+
+
+async def _gather_or_cancel(tasks: list[asyncio.Future]) -> list:
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+# ---- data plane: file ranges over the storage client ----------------------------------------------------
+
+def storage_error(e: Exception, what: str) -> OSError:
+    """A StorageClientError (or transport failure) as an OSError: EINVAL for bad input
+    (e.g. beyond the largest chunk index), EIO for everything else (every replica
+    failed its checksum, or retrying gave up)."""
+    from ..proto import common_pb2
+    code = getattr(e, "code", None)
+    err = errno.EINVAL if code == common_pb2.INVALID_ARGUMENT or isinstance(e, ValueError) else errno.EIO
+    return OSError(err, f"{what}: {getattr(e, 'message', None) or e}")
+
+
+class DataPlane:
+    """File ranges read and written through a StorageClient: cut into chunk
+    pieces, writes issued to every chain at once, reads as batch reads."""
+
+    def __init__(self, storage, *, max_inflight: int = MAX_INFLIGHT, own: bool = True):
+        self.storage = storage
+        self.max_inflight = max_inflight
+        self._own = own
+
+    async def close(self) -> None:
+        if self._own:
+            await self.storage.close()
+
+    async def write(self, ino: int, layout, offset: int, data: memoryview) -> None:
+        """Write all of `data` at file offset `offset`."""
+        pieces = split(layout, offset, len(data))
+        cs = layout.chunk_size
+        st = self.storage
+        try:
+            await gather_limited([st.write(p.chain, ino, p.index, p.chunk_offset,
+                                           data[p.buf_offset:p.buf_offset + p.length], chunk_size=cs)
+                                  for p in pieces], self.max_inflight)
+        except (OSError, asyncio.CancelledError):
+            raise
+        except Exception as e:
+            raise storage_error(e, f"write of inode {ino} at {offset}") from None
+
+    async def read(self, ino: int, layout, offset: int, buf: memoryview) -> None:
+        """Fill `buf` with the file's bytes from `offset` (holes and gaps read as zeros)."""
+        await self.read_many([(ino, layout, offset, buf)])
+
+    async def read_many(self, plan: Sequence[tuple[int, object, int, memoryview]]) -> None:
+        """Several (inode, layout, offset, buffer) reads as one batch: all pieces in flight together."""
+        from .storage_client import ReadPiece
+        pieces = []
+        for ino, layout, offset, buf in plan:
+            for p in split(layout, offset, len(buf)):
+                pieces.append(ReadPiece(p.chain, ino, p.index, p.chunk_offset, p.length,
+                                        buf[p.buf_offset:p.buf_offset + p.length]))
+        if not pieces:
+            return
+        try:
+            await self.storage.batch_read(pieces)
+        except (OSError, asyncio.CancelledError):
+            raise
+        except Exception as e:
+            first = plan[0]
+            raise storage_error(e, f"read of inode {first[0]} at {first[2]}") from None

@@ -1,0 +1,149 @@
+"""A whole flyfs cluster for client and FUSE tests, and tests of the client
+against storage failures on it.
+
+`FlyCluster` runs mgmtd, storage daemons and a metadata server (registered
+with mgmtd, so clients find it in the routing info) on a background event
+loop thread of its own, so that blocking client calls (and FUSE syscalls)
+made by a test never block the servers. With `processes=True` every daemon
+is a child process instead (fork tests must not fork a process that runs
+gRPC servers).
+
+Other test modules use the fixtures with::
+
+    from test_client_cluster import FlyCluster, fly, fs  # noqa: F401 (fixtures)
+"""
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+from cluster_fixtures import StorageCluster
+from flyfs.client import ClientConfig, FileSystem
+from flyfs.client.runtime import Runtime
+from flyfs.cluster.procs import Daemon, free_port, wait_port
+from flyfs.kv import open_engine
+from flyfs.metaserver import MetaConfig, MetaService
+from flyfs.metaserver.netserver import start_net_server
+from flyfs.metaserver.server import ClusterLink, start_server
+
+CHUNK = 64 * 1024  # small chunks: test files cross many chunk boundaries
+STRIPE = 3
+
+
+class FlyCluster:
+    """mgmtd + storage nodes + one metadata server (64 KiB chunks, stripe 3)."""
+
+    def __init__(self, root, *, nodes: int = 3, targets_per_node: int = 2, replication: int = 2,
+                 processes: bool = False, chunk_size: int = CHUNK, stripe: int = STRIPE):
+        self.root = str(root)
+        self.processes = processes
+        self.chunk_size = chunk_size
+        self.stripe = stripe
+        self.storage = StorageCluster(root, nodes=nodes, targets_per_node=targets_per_node,
+                                      replication=replication, processes=processes)
+        self.rt = Runtime(f"test-cluster-{uuid.uuid4().hex[:6]}")
+        self.meta_port = free_port()
+        self._meta = None  # (server, service, engine, cluster link) in-process
+        self.meta_proc: Daemon | None = None
+
+    @property
+    def mgmtd_address(self) -> str:
+        return self.storage.mgmtd_address
+
+    @property
+    def meta_address(self) -> str:
+        return f"127.0.0.1:{self.meta_port}"
+
+    def start(self) -> "FlyCluster":
+        try:
+            self.rt.run(self._start(), 120)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    async def _start(self) -> None:
+        await self.storage.start()
+        if self.processes:
+            self.meta_proc = Daemon("meta", [
+                "meta", "--kv", f"memory://meta-{uuid.uuid4().hex}", "--listen", self.meta_address,
+                "--mgmtd", self.mgmtd_address, "--chunk-size", str(self.chunk_size), "--stripe",
+                str(self.stripe), "--root-mode", "1777", "--log-level", "WARNING"],
+                os.path.join(self.root, "logs", "meta.log")).start()
+            import asyncio
+            await asyncio.to_thread(wait_port, "127.0.0.1", self.meta_port, 60, self.meta_proc)
+            return
+        # The metadata server as `flyfs meta --mgmtd` runs it, in this process.
+        link = ClusterLink(self.mgmtd_address)
+        engine = open_engine(f"memory://meta-{uuid.uuid4().hex}")
+        svc = MetaService(engine, storage=link.storage_ops, chain_table=link.chain_table, space=link.space,
+                          config=MetaConfig(default_chunk_size=self.chunk_size, default_stripe=self.stripe))
+        await svc.format(root_mode=0o1777)
+        server, _ = await start_server(svc, self.meta_address)
+        net_server = await start_net_server(svc, "127.0.0.1", 0)
+        self._meta = (server, net_server, svc, engine, link)
+        await link.register(self.meta_address, net_server.address)
+
+    def stop(self) -> None:
+        try:
+            self.rt.run(self._stop(), 120)
+        finally:
+            if self.meta_proc is not None:
+                self.meta_proc.stop()
+            self.rt.stop()
+
+    async def _stop(self) -> None:
+        if self._meta is not None:
+            server, net_server, svc, engine, link = self._meta
+            self._meta = None
+            await net_server.close()
+            await server.stop(None)
+            await svc.stop()
+            await link.close()
+            await engine.close()
+        await self.storage.close(check=False)
+
+    def connect(self, **config) -> FileSystem:
+        """A client that finds the metadata server in mgmtd's routing info (its flyfs/net
+        address); `meta_address` is its gRPC address."""
+        return FileSystem(self.mgmtd_address, config=ClientConfig(**config))
+
+    def run(self, coro, timeout: float = 60):
+        """Run a coroutine on the cluster's loop (its storage cluster, mgmtd clients, ...)."""
+        return self.rt.run(coro, timeout)
+
+
+@pytest.fixture(scope="module")
+def fly(tmp_path_factory):
+    c = FlyCluster(tmp_path_factory.mktemp("fly")).start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def fs(fly):
+    f = fly.connect()
+    yield f
+    f.close()
+
+
+# ---- the client when storage fails -------------------------------------------------------------------------
+
+def test_reads_fail_over_when_a_storage_node_stops(tmp_path):
+    """A replica gone: reads go to the other SERVING replica of each chain."""
+    c = FlyCluster(tmp_path, nodes=3, targets_per_node=1, replication=3).start()
+    try:
+        f = c.connect()
+        try:
+            data = os.urandom(6 * CHUNK + 5)
+            f.write_bytes("/survivor", data)
+            c.run(c.storage.stop_node(0))
+            assert f.read_bytes("/survivor") == data
+            buf = bytearray(CHUNK)
+            assert f.pread("/survivor", buf, 2 * CHUNK) == CHUNK and buf == data[2 * CHUNK:3 * CHUNK]
+        finally:
+            f.close()
+    finally:
+        c.stop()

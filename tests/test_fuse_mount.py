@@ -1,0 +1,429 @@
+"""The FUSE mount, through real syscalls on a real mount (`flyfs mount -f` in a
+subprocess) of an in-process cluster; unmounted at the end even on failure.
+
+Needs root and /dev/fuse (skipped otherwise)."""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import pickle
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+import pytest
+
+from flyfs.fuse.mount import is_mounted, unmount
+from test_client_cluster import CHUNK, FlyCluster, fly, fs  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"),
+                                reason="FUSE tests need root and /dev/fuse")
+
+USER = 12345  # an unprivileged uid/gid for permission tests (needs no passwd entry)
+
+
+class Mount:
+    """`flyfs mount -f` of a cluster at a fresh directory, as a subprocess."""
+
+    def __init__(self, cluster: FlyCluster, root, options: str | None = None):
+        self.cluster = cluster
+        # Outside pytest's private (0700) tmp tree, so other users can reach the mount.
+        self.path = tempfile.mkdtemp(prefix="flyfs-mnt-")
+        os.chmod(self.path, 0o755)
+        self.log = os.path.join(str(root), "mount.log")
+        self.options = options
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30.0) -> "Mount":
+        args = [sys.executable, "-m", "flyfs.cli", "mount", "--cluster", self.cluster.mgmtd_address,
+                self.path, "-f"]
+        if self.options:
+            args += ["-o", self.options]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while not is_mounted(self.path):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"mount failed:\n{open(self.log).read()[-3000:]}")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        if is_mounted(self.path):
+            ok, msg = unmount(self.path)
+            assert ok, msg
+        if self.proc is not None:
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                if is_mounted(self.path):
+                    subprocess.run(["umount", "-l", self.path])
+        if not is_mounted(self.path):
+            os.rmdir(self.path)
+
+    def p(self, *parts) -> str:
+        return os.path.join(self.path, *parts)
+
+
+@pytest.fixture(scope="module")
+def mnt(fly, tmp_path_factory):
+    m = Mount(fly, tmp_path_factory.mktemp("fuse")).start()
+    try:
+        yield m
+    finally:
+        m.stop()
+    assert m.proc.returncode == 0, open(m.log).read()[-3000:]
+
+
+@pytest.fixture
+def d(mnt):
+    name = "f-" + uuid.uuid4().hex[:8]
+    os.mkdir(mnt.p(name))
+    os.chmod(mnt.p(name), 0o777)
+    return mnt.p(name)
+
+
+def api_path(mnt: Mount, local: str) -> str:
+    return "/" + os.path.relpath(local, mnt.path)
+
+
+def run_as(uid: int, gids: list[int], fn):
+    """Run fn() in a forked child with uid/gids (no exec); returns its result or raises its error."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        try:
+            os.close(r)
+            os.setgroups(gids[1:])
+            os.setgid(gids[0])
+            os.setuid(uid)
+            try:
+                out = ("ok", fn())
+            except OSError as e:
+                out = ("err", (e.errno, e.filename))
+            os.write(w, pickle.dumps(out))
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    kind, value = pickle.loads(data)
+    if kind == "err":
+        raise OSError(value[0], os.strerror(value[0]), value[1])
+    return value
+
+
+# ---- data -------------------------------------------------------------------------------------------
+
+def test_read_write_across_chunks_and_page_cache(mnt, d, fs):
+    payload = os.urandom(7 * CHUNK + 12345)
+    p = os.path.join(d, "big")
+    with open(p, "wb") as f:
+        f.write(payload)
+    assert os.stat(p).st_size == len(payload)
+    with open(p, "rb") as f:
+        assert f.read() == payload
+    assert fs.read_bytes(api_path(mnt, p)) == payload      # what the cluster holds
+    with open(p, "r+b") as f:                                # overwrite in place, read back on the fd
+        f.seek(CHUNK - 2)
+        f.write(b"XYZW")
+        f.seek(CHUNK - 4)
+        assert f.read(8) == payload[CHUNK - 4:CHUNK - 2] + b"XYZW" + payload[CHUNK + 2:CHUNK + 4]
+    with open(p, "rb") as f:
+        f.seek(CHUNK - 2)
+        assert f.read(4) == b"XYZW"
+
+
+def test_api_and_mount_see_each_other(mnt, d, fs):
+    fs.write_bytes(api_path(mnt, os.path.join(d, "from_api")), b"api data")
+    with open(os.path.join(d, "from_api"), "rb") as f:
+        assert f.read() == b"api data"
+    with open(os.path.join(d, "from_mount"), "wb") as f:
+        f.write(b"mount data" * 1000)
+    assert fs.read_bytes(api_path(mnt, os.path.join(d, "from_mount"))) == b"mount data" * 1000
+
+
+def test_open_flags(mnt, d):
+    p = os.path.join(d, "flags")
+    fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    os.write(fd, b"0123456789")
+    os.close(fd)
+    with pytest.raises(FileExistsError):
+        os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    fd = os.open(p, os.O_WRONLY | os.O_TRUNC)
+    assert os.fstat(fd).st_size == 0
+    os.write(fd, b"ab")
+    os.close(fd)
+    assert open(p, "rb").read() == b"ab"
+    a = os.open(p, os.O_WRONLY | os.O_APPEND)
+    b = os.open(p, os.O_WRONLY | os.O_APPEND)
+    os.write(a, b"1")
+    os.write(b, b"2")
+    os.write(a, b"3")
+    os.close(a)
+    os.close(b)
+    assert open(p, "rb").read() == b"ab123"
+    fd = os.open(p, os.O_RDONLY)
+    with pytest.raises(OSError) as ei:
+        os.write(fd, b"x")
+    assert ei.value.errno == errno.EBADF
+    os.close(fd)
+    with pytest.raises(FileNotFoundError):
+        os.open(os.path.join(d, "missing"), os.O_RDONLY)
+    with pytest.raises(NotADirectoryError):
+        os.open(os.path.join(p, "x"), os.O_RDONLY)
+
+
+def test_truncate_and_ftruncate(mnt, d):
+    p = os.path.join(d, "trunc")
+    data = os.urandom(3 * CHUNK)
+    open(p, "wb").write(data)
+    os.truncate(p, CHUNK + 10)
+    assert os.stat(p).st_size == CHUNK + 10
+    assert open(p, "rb").read() == data[:CHUNK + 10]
+    fd = os.open(p, os.O_RDWR)
+    os.ftruncate(fd, 2 * CHUNK)
+    assert os.fstat(fd).st_size == 2 * CHUNK
+    assert os.pread(fd, 2 * CHUNK, 0) == data[:CHUNK + 10] + bytes(CHUNK - 10)
+    os.pwrite(fd, b"end", 2 * CHUNK)
+    os.ftruncate(fd, 5)
+    os.close(fd)
+    assert open(p, "rb").read() == data[:5]
+
+
+def test_fsync_and_statvfs(mnt, d, fs):
+    p = os.path.join(d, "synced")
+    fd = os.open(p, os.O_CREAT | os.O_WRONLY, 0o644)
+    os.write(fd, b"x" * 5000)
+    os.fsync(fd)
+    assert fs.stat(api_path(mnt, p)).st_size == 5000      # reported before close
+    os.close(fd)
+    dfd = os.open(d, os.O_RDONLY)                          # fsync of a directory (sqlite does it)
+    os.fsync(dfd)
+    os.fsync(dfd)
+    os.close(dfd)
+    sv = os.statvfs(mnt.path)
+    assert sv.f_namemax == 255 and sv.f_blocks > 0
+
+
+# ---- names and attributes ----------------------------------------------------------------------------------
+
+def test_chmod_chown_utimens_nanoseconds(mnt, d, fs):
+    p = os.path.join(d, "attrs")
+    open(p, "wb").close()
+    os.chmod(p, 0o4751)
+    assert stat.S_IMODE(os.stat(p).st_mode) == 0o4751
+    os.chown(p, 321, 654)
+    st = os.stat(p)
+    assert (st.st_uid, st.st_gid) == (321, 654)
+    os.chown(p, -1, 999)
+    assert (os.stat(p).st_uid, os.stat(p).st_gid) == (321, 999)
+    ns = (1_600_000_000_111_222_333, 1_650_000_000_444_555_666)
+    os.utime(p, ns=ns)
+    api = fs.stat(api_path(mnt, p))
+    assert (api.st_atime_ns, api.st_mtime_ns) == ns           # nanoseconds reach the metadata exactly
+    st = os.stat(p)
+    # libfuse 2 (fuse-python) hands the kernel whole seconds only.
+    assert (st.st_atime_ns // 10**9, st.st_mtime_ns // 10**9) == (ns[0] // 10**9, ns[1] // 10**9)
+    # only mtime (atime UTIME_OMIT), as touch -m, tar and rsync do
+    subprocess.run(["touch", "-m", "-d", "@1700000000", p], check=True)
+    api = fs.stat(api_path(mnt, p))
+    assert (api.st_atime_ns, api.st_mtime_ns) == (ns[0], 1_700_000_000 * 10**9)
+    subprocess.run(["touch", "-a", "-d", "@1400000000", p], check=True)
+    api = fs.stat(api_path(mnt, p))
+    assert (api.st_atime_ns, api.st_mtime_ns) == (1_400_000_000 * 10**9, 1_700_000_000 * 10**9)
+    before = time.time()
+    os.utime(p)                                               # UTIME_NOW
+    assert fs.stat(api_path(mnt, p)).st_mtime >= before - 5
+
+
+def test_link_symlink_readlink_rename(mnt, d):
+    a, b = os.path.join(d, "a"), os.path.join(d, "b")
+    open(a, "wb").write(b"A")
+    open(b, "wb").write(b"B")
+    os.rename(a, b)                                     # replace
+    assert open(b, "rb").read() == b"A" and not os.path.exists(a)
+    os.link(b, os.path.join(d, "hard"))
+    assert os.stat(b).st_nlink == 2 and os.stat(b).st_ino == os.stat(os.path.join(d, "hard")).st_ino
+    os.symlink("b", os.path.join(d, "sym"))
+    assert os.readlink(os.path.join(d, "sym")) == "b"
+    assert open(os.path.join(d, "sym"), "rb").read() == b"A"
+    assert stat.S_ISLNK(os.lstat(os.path.join(d, "sym")).st_mode)
+    os.mkdir(os.path.join(d, "dir1"))
+    open(os.path.join(d, "dir1", "f"), "wb").write(b"in dir")
+    os.rename(os.path.join(d, "dir1"), os.path.join(d, "dir2"))
+    assert open(os.path.join(d, "dir2", "f"), "rb").read() == b"in dir"
+    os.mkdir(os.path.join(d, "empty"))
+    os.rename(os.path.join(d, "dir2"), os.path.join(d, "empty"))   # replaces an empty directory
+    assert os.listdir(os.path.join(d, "empty")) == ["f"]
+    with pytest.raises(OSError) as ei:
+        os.rename(d, os.path.join(d, "empty", "loop"))
+    assert ei.value.errno == errno.EINVAL
+    libc = ctypes.CDLL(None, use_errno=True)       # renameat2(RENAME_NOREPLACE)
+    open(os.path.join(d, "c"), "wb").close()
+    assert libc.renameat2(-100, os.path.join(d, "c").encode(), -100, b.encode(), 1) == -1
+    assert ctypes.get_errno() == errno.EEXIST
+    assert open(b, "rb").read() == b"A"
+
+
+def test_mkfifo_mknod(mnt, d):
+    os.mkfifo(os.path.join(d, "fifo"), 0o640)
+    st = os.lstat(os.path.join(d, "fifo"))
+    assert stat.S_ISFIFO(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o640 & ~_umask()
+    os.mknod(os.path.join(d, "chr"), 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    st = os.lstat(os.path.join(d, "chr"))
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3)
+    os.mknod(os.path.join(d, "reg"), 0o644 | stat.S_IFREG)
+    assert stat.S_ISREG(os.lstat(os.path.join(d, "reg")).st_mode)
+
+
+def _umask() -> int:
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
+def test_unlink_rmdir(mnt, d):
+    p = os.path.join(d, "f")
+    open(p, "wb").write(b"keep reading")
+    fd = os.open(p, os.O_RDONLY)
+    os.unlink(p)
+    assert not os.path.exists(p)
+    assert os.pread(fd, 100, 0) == b"keep reading"      # open files outlive their name
+    os.close(fd)
+    os.mkdir(os.path.join(d, "sub"))
+    open(os.path.join(d, "sub", "x"), "wb").close()
+    with pytest.raises(OSError) as ei:
+        os.rmdir(os.path.join(d, "sub"))
+    assert ei.value.errno == errno.ENOTEMPTY
+    os.unlink(os.path.join(d, "sub", "x"))
+    os.rmdir(os.path.join(d, "sub"))
+    with pytest.raises(IsADirectoryError):
+        os.unlink(d)
+    with pytest.raises(FileNotFoundError):
+        os.rmdir(os.path.join(d, "sub"))
+
+
+def test_name_lengths(mnt, d):
+    ok = os.path.join(d, "n" * 255)
+    open(ok, "wb").write(b"x")
+    assert "n" * 255 in os.listdir(d)
+    with pytest.raises(OSError) as ei:
+        open(os.path.join(d, "n" * 256), "wb")
+    assert ei.value.errno == errno.ENAMETOOLONG
+
+
+def test_xattrs(mnt, d):
+    p = os.path.join(d, "x")
+    open(p, "wb").close()
+    os.setxattr(p, "user.color", b"blue")
+    assert os.getxattr(p, "user.color") == b"blue"
+    os.setxattr(p, "user.name", "é€".encode())
+    assert os.getxattr(p, "user.name") == "é€".encode()
+    assert sorted(os.listxattr(p)) == ["user.color", "user.name"]
+    with pytest.raises(OSError) as ei:
+        os.setxattr(p, "user.color", b"x", os.XATTR_CREATE)
+    assert ei.value.errno == errno.EEXIST
+    os.removexattr(p, "user.name")
+    os.removexattr(p, "user.color")
+    with pytest.raises(OSError) as ei:
+        os.getxattr(p, "user.color")
+    assert ei.value.errno == errno.ENODATA
+
+
+def test_readdir_of_a_big_directory(mnt, d, fs):
+    names = sorted(f"e{i:05d}" for i in range(1100))     # more than one metadata page
+    for n in names:
+        fs.mknod(api_path(mnt, os.path.join(d, n)))
+    assert sorted(os.listdir(d)) == names
+    with os.scandir(d) as it:
+        assert sum(1 for e in it if e.is_file()) == 1100
+
+
+# ---- permissions as an unprivileged user --------------------------------------------------------------------
+
+def test_permissions_as_another_user(mnt, d):
+    secret = os.path.join(d, "secret")
+    open(secret, "wb").write(b"root only")
+    os.chmod(secret, 0o600)
+    locked = os.path.join(d, "locked")
+    os.mkdir(locked, 0o755)
+    public = os.path.join(d, "public")
+    open(public, "wb").write(b"for all")
+    assert run_as(USER, [USER], lambda: open(public, "rb").read()) == b"for all"  # the mount is reachable
+    with pytest.raises(PermissionError):
+        run_as(USER, [USER], lambda: open(secret, "rb").read())
+    with pytest.raises(PermissionError):
+        run_as(USER, [USER], lambda: open(os.path.join(locked, "new"), "wb").close())
+    mine = os.path.join(d, "mine")
+    assert run_as(USER, [USER], lambda: (open(mine, "wb").write(b"hi"), os.stat(mine).st_uid)[1]) == USER
+    assert (os.stat(mine).st_uid, os.stat(mine).st_gid) == (USER, USER)
+    # the sticky directory: others' files cannot be removed by this user
+    sticky = os.path.join(d, "tmp")
+    os.mkdir(sticky)
+    os.chmod(sticky, 0o1777)
+    open(os.path.join(sticky, "roots"), "wb").close()
+    with pytest.raises(PermissionError):
+        run_as(USER, [USER], lambda: os.unlink(os.path.join(sticky, "roots")))
+    # supplementary groups reach the metadata service: a group-writable directory
+    shared = os.path.join(d, "shared")
+    os.mkdir(shared)
+    os.chown(shared, 0, 4242)
+    os.chmod(shared, 0o770)
+    with pytest.raises(PermissionError):
+        run_as(USER, [USER], lambda: open(os.path.join(shared, "g"), "wb").close())
+    run_as(USER, [USER, 4242], lambda: open(os.path.join(shared, "g"), "wb").write(b"group"))
+    assert os.stat(os.path.join(shared, "g")).st_uid == USER
+
+
+# ---- the command line -------------------------------------------------------------------------------------------
+
+def test_mount_daemon_and_umount_commands(fly, tmp_path):
+    mp = tmp_path / "m2"
+    mp.mkdir()
+    log = tmp_path / "m2.log"
+    r = subprocess.run([sys.executable, "-m", "flyfs.cli", "mount", "--cluster", fly.mgmtd_address,
+                        "--meta", fly.meta_address, str(mp), "--log-file", str(log)],
+                       capture_output=True, text=True, timeout=60)
+    try:
+        assert r.returncode == 0, r.stderr
+        assert is_mounted(str(mp))
+        assert os.statvfs(str(mp)).f_namemax == 255
+        r2 = subprocess.run([sys.executable, "-m", "flyfs.cli", "mount", "--cluster", fly.mgmtd_address,
+                             "--meta", fly.meta_address, str(mp)], capture_output=True, text=True, timeout=60)
+        assert r2.returncode != 0 and "already mounted" in r2.stderr
+    finally:
+        u = subprocess.run([sys.executable, "-m", "flyfs.cli", "umount", str(mp)], capture_output=True,
+                           text=True, timeout=60)
+    assert u.returncode == 0, u.stderr
+    deadline = time.monotonic() + 10
+    while is_mounted(str(mp)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not is_mounted(str(mp))
+    u2 = subprocess.run([sys.executable, "-m", "flyfs.cli", "umount", str(mp)], capture_output=True, text=True)
+    assert u2.returncode == 1 and "nothing is mounted" in u2.stderr
+
+
+def test_mount_reports_a_bad_cluster(tmp_path):
+    mp = tmp_path / "m3"
+    mp.mkdir()
+    r = subprocess.run([sys.executable, "-m", "flyfs.cli", "mount", "--cluster", "127.0.0.1:1", str(mp),
+                        "-f", "--connect-timeout", "1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert "cannot reach the cluster at 127.0.0.1:1" in r.stderr
+    assert not is_mounted(str(mp))
+    r = subprocess.run([sys.executable, "-m", "flyfs.cli", "mount", "--cluster", "127.0.0.1:1", str(mp),
+                        "--connect-timeout", "1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "cannot reach the cluster" in r.stderr    # the daemon's error, relayed
+    assert not is_mounted(str(mp))
+    r = subprocess.run([sys.executable, "-m", "flyfs.cli", "mount", "--cluster", "nonsense", str(mp)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "bad cluster address" in r.stderr

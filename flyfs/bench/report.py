@@ -55,3 +55,50 @@ def fmt_rate(x: float, unit: str = "/s") -> str:
         if abs(x) >= scale:
             return f"{x / scale:.2f} {suffix}{unit}"
     return f"{x:.1f} {unit}"
+
+
+def fmt_bytes(n: float, unit: str = "B") -> str:
+    """Bytes in decimal units: 1.0 GB, 340.2 MB (sortbenchmark.org counts in powers of 1000)."""
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {prefix}{unit}"
+    return f"{n:.0f} {unit}"
+
+
+def fmt_seconds(s: float) -> str:
+    return f"{s:.2f} s" if s < 100 else f"{s:.0f} s"
+
+
+def fmt_ratio(value: float | None, base: float | None) -> str:
+    """value / base as '1.23x', or '' when either is missing or base is 0."""
+    if value is None or base is None or base <= 0:
+        return ""
+    r = value / base
+    return f"{r:.2f}x" if r >= 0.1 else f"{r:.3f}x"
+
+
+class PhaseBars:
+    """A `progress(phase, done, total)` callback drawing one Progress bar per phase,
+    with an optional `on_phase(phase, seconds)` call as each phase finishes."""
+
+    def __init__(self, prefix: str = "", on_phase=None):
+        self.prefix = prefix
+        self.on_phase = on_phase
+        self._bar: Progress | None = None
+        self._phase = ""
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if done == 0 or phase != self._phase:
+            if self._bar is not None:
+                self._bar.close()
+            self._phase = phase
+            self._bar = Progress(f"{self.prefix}{phase}", total)
+            if done == 0:
+                return
+        assert self._bar is not None
+        self._bar.update(done - self._bar.done)
+        if done >= total:
+            self._bar.close()
+            if self.on_phase:
+                self.on_phase(phase, time.monotonic() - self._bar.start)
+            self._bar = None

@@ -17,6 +17,9 @@ COMMANDS = {
     "mount": ("cluster", "flyfs.fuse.mount:main", "mount flyfs with FUSE"),
     "umount": ("cluster", "flyfs.fuse.mount:umount_main", "unmount a flyfs mount"),
     "status": ("inspect", "flyfs.cluster.status:main", "show nodes, targets and chains"),
+    "stat": ("inspect", "flyfs.client.commands:stat_main", "show a file's attributes"),
+    "set-layout": ("admin", "flyfs.client.commands:set_layout_main", "set a directory's chunk size and stripe"),
+    "ls": ("tools", "flyfs.client.commands:ls_main", "list a directory"),
     "bench": ("tools", "flyfs.cli:bench_main", "run a benchmark: kv, storage, meta, fs, io, graysort, all"),
 }
 

@@ -153,3 +153,22 @@ def test_kill9_of_up_leaves_no_stuck_mount(up, tmp_path):
     u2 = up()  # must clear the stale mount and come back with the data
     with open(os.path.join(u2.mount, "keep.txt")) as f:
         assert f.read() == "still here"
+
+
+def test_up_on_etcd_without_mount(tmp_path, etcd_server):
+    import flyfs
+    proc = subprocess.Popen([sys.executable, "-m", "flyfs.cli", "up", "--data-dir", str(tmp_path / "d"), "--no-mount",
+                             "--kv", f"etcd://{etcd_server.endpoint}/up{os.getpid()}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline().strip()
+        m = LINE.match(line)
+        assert m and m.group(2) == "-", (line, proc.stderr.read() if proc.poll() is not None else "")
+        fs = flyfs.connect(m.group(1))
+        fs.write_bytes("/on-etcd.txt", b"metadata in etcd")
+        assert fs.read_bytes("/on-etcd.txt") == b"metadata in etcd"
+        assert fs.listdir("/") == ["on-etcd.txt"]
+        fs.close()
+    finally:
+        proc.terminate()
+        assert proc.wait(60) == 0

@@ -70,6 +70,9 @@ def bench_main(argv: list[str]) -> int:
                 rc |= _load(BENCHES[bench])(quick) or 0
             except SystemExit as e:
                 print(f"bench {bench}: {e}")
+            except Exception as e:  # one broken benchmark must not hide the others
+                print(f"bench {bench}: failed: {type(e).__name__}: {e}")
+                rc = 1
         return rc
     if name not in BENCHES:
         print(f"flyfs bench: unknown benchmark {name!r}; choose from {', '.join(BENCHES)}, all", file=sys.stderr)

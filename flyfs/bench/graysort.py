@@ -25,6 +25,23 @@ Phases, each a set of tasks run by ``workers`` separate processes:
   N and the input checksum.
 
 The sort time (phases 1 and 2) gives the reported bytes/min and records/s.
+Each task also reports where its time went (:class:`Costs`: metadata calls,
+reads, writes, compute, and its process's CPU), summed per phase in
+``Result.costs``. Tasks overlap their I/O with their compute (double
+buffering, all pieces of a chunk written at once), on every file system alike.
+
+Command line (``flyfs bench graysort``)::
+
+    --quick                          temporary cluster, 200k records, + local baseline
+    --cluster HOST:PORT [--local D]  on that cluster, then the same run on a local dir
+    --temp-cluster [--local D]       the same on a temporary cluster (LocalCluster,
+                                     no mount; --replicas, --chunk-size)
+    --local D                        alone: only on the local directory D
+
+With flyfs in the run, the output is the parameters, a progress bar per phase,
+a table of flyfs / local / ratio (time per phase, total, bytes/min and TiB/min,
+records/s, validation) and a profile per phase (see ``profile_rows``). The
+input, and so the checksum, depends only on the record count N.
 """
 
 from __future__ import annotations
@@ -38,6 +55,7 @@ import os
 import posixpath
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO, Protocol, runtime_checkable
@@ -86,16 +104,18 @@ class FS(Protocol):
 
 class LocalFS:
     """:class:`FS` on a local directory; picklable, so it is its own factory
-    (calling the instance returns itself)."""
+    (calling the instance returns itself). With ``fsync``, files opened for
+    writing are fsynced when closed (durable, as flyfs's chunks are)."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, fsync: bool = False) -> None:
         self.root = os.path.abspath(root)
+        self.fsync = fsync
 
     def __call__(self) -> "LocalFS":
         return self
 
     def __repr__(self) -> str:
-        return f"LocalFS({self.root!r})"
+        return f"LocalFS({self.root!r}{', fsync=True' if self.fsync else ''})"
 
     def _p(self, path: str) -> str:
         rel = posixpath.normpath("/" + path).lstrip("/")
@@ -107,7 +127,10 @@ class LocalFS:
     def open(self, path: str, mode: str = "rb") -> BinaryIO:
         if "b" not in mode:
             raise ValueError(f"LocalFS opens binary files only, got mode {mode!r}")
-        return open(self._p(path), mode)
+        f = open(self._p(path), mode)
+        if self.fsync and any(c in mode for c in "wax+"):
+            return _FsyncOnClose(f)
+        return f
 
     def listdir(self, path: str) -> list[str]:
         return sorted(os.listdir(self._p(path)))
@@ -123,6 +146,30 @@ class LocalFS:
 
     def exists(self, path: str) -> bool:
         return os.path.exists(self._p(path))
+
+
+class _FsyncOnClose:
+    """A local file that is flushed and fsynced before it closes."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+
+    def close(self) -> None:
+        if not self._f.closed:
+            try:
+                self._f.flush()
+                os.fsync(self._f.fileno())
+            finally:
+                self._f.close()
+
+    def __enter__(self) -> "_FsyncOnClose":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
 
 
 # ---------------------------------------------------------------- pure parts
@@ -191,10 +238,101 @@ def _init_worker(fs_factory: Callable[[], Any]) -> None:
         multiprocessing.util.Finalize(_worker_fs, close, exitpriority=10)
 
 
-def _fs() -> Any:
+def _fs(costs: "Costs | None" = None) -> Any:
     if _worker_fs is None:
         raise RuntimeError("graysort worker has no file system (initializer not run)")
-    return _worker_fs
+    return _worker_fs if costs is None else _TimedFS(_worker_fs, costs)
+
+
+class Costs:
+    """Where one task's time went: seconds in metadata calls (open, close, size,
+    ...), in read and write calls, the rest (compute: generate, partition, sort,
+    summarize), and the CPU time of the whole worker process meanwhile (its
+    client's I/O threads included)."""
+
+    IO = ("meta", "read", "write")
+
+    def __init__(self) -> None:
+        self.t = dict.fromkeys(self.IO, 0.0)
+        self._lock = threading.Lock()
+        self._wall = time.perf_counter()
+        self._cpu = time.process_time()
+
+    def add(self, kind: str, seconds: float) -> None:
+        with self._lock:
+            self.t[kind] += seconds
+
+    def done(self) -> dict[str, float]:
+        wall = time.perf_counter() - self._wall
+        out = dict(self.t)
+        out["compute"] = max(wall - sum(self.t.values()), 0.0)
+        out["wall"] = wall
+        out["cpu"] = time.process_time() - self._cpu
+        return out
+
+
+class _TimedFile:
+    """A file object charging its reads, writes and close to a Costs."""
+
+    def __init__(self, f: BinaryIO, costs: Costs) -> None:
+        self._f, self._c = f, costs
+
+    def readinto(self, b) -> int:
+        t = time.perf_counter()
+        try:
+            return self._f.readinto(b)
+        finally:
+            self._c.add("read", time.perf_counter() - t)
+
+    def read(self, n: int = -1) -> bytes:
+        t = time.perf_counter()
+        try:
+            return self._f.read(n)
+        finally:
+            self._c.add("read", time.perf_counter() - t)
+
+    def write(self, b) -> int:
+        t = time.perf_counter()
+        try:
+            return self._f.write(b)
+        finally:
+            self._c.add("write", time.perf_counter() - t)
+
+    def close(self) -> None:
+        t = time.perf_counter()
+        try:
+            self._f.close()
+        finally:
+            self._c.add("meta", time.perf_counter() - t)
+
+    def __enter__(self) -> "_TimedFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
+class _TimedFS:
+    """An FS charging metadata calls to a Costs and handing out timed files."""
+
+    def __init__(self, fs: Any, costs: Costs) -> None:
+        self._fs, self._c = fs, costs
+
+    def _meta(self, name: str, *args: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return getattr(self._fs, name)(*args)
+        finally:
+            self._c.add("meta", time.perf_counter() - t)
+
+    def open(self, path: str, mode: str = "rb") -> _TimedFile:
+        return _TimedFile(self._meta("open", path, mode), self._c)
+
+    def size(self, path: str) -> int:
+        return self._meta("size", path)
 
 
 def _write_all(f: BinaryIO, arr: np.ndarray) -> None:
@@ -218,91 +356,168 @@ def _read_full(f: BinaryIO, mv: memoryview) -> int:
     return got
 
 
-def _read_chunks(f: BinaryIO, chunk_records: int) -> Iterator[np.ndarray]:
-    buf = np.empty((chunk_records, RECORD_SIZE), np.uint8)
-    mv = memoryview(buf).cast("B")
-    while True:
-        got = _read_full(f, mv)
-        if got % RECORD_SIZE:
-            raise ValueError(f"partial record at end of input ({got % RECORD_SIZE} bytes)")
-        if got:
-            yield buf[:got // RECORD_SIZE]
-        if got < len(mv):
-            return
+def _read_records(f: BinaryIO, buf: np.ndarray) -> np.ndarray:
+    """Fill buf with whole records from f; the filled part (short at end of file)."""
+    got = _read_full(f, memoryview(buf).cast("B"))
+    if got % RECORD_SIZE:
+        raise ValueError(f"partial record at end of input ({got % RECORD_SIZE} bytes)")
+    return buf[:got // RECORD_SIZE]
 
 
-def _gen_task(path: str, start: int, count: int, chunk: int) -> tuple[int, int, float]:
-    """Write records [start, start+count) to path; return (count, checksum, seconds)."""
-    t0 = time.perf_counter()
-    fs = _fs()
+class _Overlap:
+    """I/O handed to helper threads so that it overlaps the task's compute (and
+    several writes are in flight at once); the time the task then spends
+    waiting for it is charged to `kind` in its Costs. Calls on one file are
+    never in flight together: a task waits for a batch before the next
+    touches the same files."""
+
+    def __init__(self, costs: Costs, threads: int) -> None:
+        self.costs = costs
+        self.pool = cf.ThreadPoolExecutor(max_workers=max(1, threads),
+                                          thread_name_prefix="graysort-io")
+        self.pending: list[cf.Future] = []
+
+    def submit(self, fn: Callable, *args: Any) -> cf.Future:
+        fut = self.pool.submit(fn, *args)
+        self.pending.append(fut)
+        return fut
+
+    def wait(self, kind: str) -> list[Any]:
+        pending, self.pending = self.pending, []
+        if not pending:
+            return []
+        t = time.perf_counter()
+        try:
+            cf.wait(pending)  # all of them, so a failure leaves nothing running
+            return [fut.result() for fut in pending]
+        finally:
+            self.costs.add(kind, time.perf_counter() - t)
+
+    def __enter__(self) -> "_Overlap":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for fut in self.pending:
+            fut.cancel()
+        self.pool.shutdown(wait=True)
+
+
+def _raw(f: Any) -> BinaryIO:
+    """The untimed file behind a _TimedFile (for I/O done in helper threads,
+    which _Overlap charges as waiting time instead)."""
+    return f._f if isinstance(f, _TimedFile) else f
+
+
+def _gen_task(path: str, start: int, count: int, chunk: int) -> tuple[int, int, dict]:
+    """Write records [start, start+count) to path; return (count, checksum, costs).
+
+    Chunk k is written while chunk k+1 is generated (two buffers)."""
+    costs = Costs()
+    fs = _fs(costs)
     total = 0
-    buf = np.empty((min(chunk, max(count, 1)), RECORD_SIZE), np.uint8)
-    with fs.open(path, "wb") as f:
-        for s in range(0, count, chunk):
+    rows = min(chunk, max(count, 1))
+    bufs = [np.empty((rows, RECORD_SIZE), np.uint8) for _ in range(2 if count > chunk else 1)]
+    with fs.open(path, "wb") as f, _Overlap(costs, 1) as io:
+        raw = _raw(f)
+        for k, s in enumerate(range(0, count, chunk)):
             n = min(chunk, count - s)
-            recs = gensort.generate_into(buf[:n], start + s)
+            recs = gensort.generate_into(bufs[k % len(bufs)][:n], start + s)
             total += valsort.checksum(recs)
-            _write_all(f, recs)
-    return count, total, time.perf_counter() - t0
+            io.wait("write")  # chunk k-1 written: its buffer is free for k+1
+            io.submit(_write_all, raw, recs)
+        io.wait("write")
+    return count, total, costs.done()
 
 
-def _partition_task(in_path: str, tmp_fmt: str, partitions: int, chunk: int) -> tuple[int, float]:
-    """Split one input file into per-partition pieces; return (records, seconds)."""
-    t0 = time.perf_counter()
-    fs = _fs()
+def _partition_task(in_path: str, tmp_fmt: str, partitions: int, chunk: int) -> tuple[int, dict]:
+    """Split one input file into per-partition pieces; return (records, costs).
+
+    The pieces of chunk k are written, all at once, while chunk k+1 is read
+    and partitioned."""
+    costs = Costs()
+    fs = _fs(costs)
     outs: list[BinaryIO] = []
     n = 0
+    buf = np.empty((chunk, RECORD_SIZE), np.uint8)
     try:
         # Create every piece, even empty ones: phase 2 then reads a fixed set.
         for p in range(partitions):
             outs.append(fs.open(tmp_fmt % p, "wb"))
-        with fs.open(in_path, "rb") as f:
-            for recs in _read_chunks(f, chunk):
-                grouped, off = split_by_partition(recs, partitions)
-                for p in np.flatnonzero(off[1:] > off[:-1]):
-                    _write_all(outs[p], grouped[off[p]:off[p + 1]])
-                n += recs.shape[0]
+        with fs.open(in_path, "rb") as f, _Overlap(costs, min(partitions, 8)) as io:
+            while True:
+                recs = _read_records(f, buf)
+                if recs.shape[0]:
+                    grouped, off = split_by_partition(recs, partitions)
+                    io.wait("write")  # chunk k-1's pieces are out before chunk k's go
+                    for p in np.flatnonzero(off[1:] > off[:-1]):
+                        io.submit(_write_all, _raw(outs[p]), grouped[off[p]:off[p + 1]])
+                    n += recs.shape[0]
+                if recs.shape[0] < chunk:
+                    break
+            io.wait("write")
     finally:
         for o in outs:
             o.close()
-    return n, time.perf_counter() - t0
+    return n, costs.done()
 
 
-def _sort_task(pieces: list[str], out_path: str) -> tuple[int, float]:
-    """Read a partition's pieces, sort, write; return (records, seconds)."""
-    t0 = time.perf_counter()
-    fs = _fs()
+def _read_piece(fs: Any, path: str, mv: memoryview) -> None:
+    with fs.open(path, "rb") as f:
+        got = _read_full(f, mv)
+    if got != len(mv):
+        raise OSError(f"short read on {path}: {got} of {len(mv)} bytes")
+
+
+def _sort_task(pieces: list[str], out_path: str) -> tuple[int, dict]:
+    """Read a partition's pieces (all at once), sort, write; return (records, costs)."""
+    costs = Costs()
+    fs = _fs(costs)
     sizes = [fs.size(p) for p in pieces]
     total = sum(sizes)
     if total % RECORD_SIZE:
         raise ValueError(f"partition pieces for {out_path} hold a partial record")
     recs = np.empty((total // RECORD_SIZE, RECORD_SIZE), np.uint8)
     mv = memoryview(recs.reshape(-1))
-    pos = 0
-    for path, size in zip(pieces, sizes):
-        if size:
-            with fs.open(path, "rb") as f:
-                got = _read_full(f, mv[pos:pos + size])
-            if got != size:
-                raise OSError(f"short read on {path}: {got} of {size} bytes")
-        pos += size
+    with _Overlap(costs, min(len(pieces), 8)) as io:
+        pos = 0
+        for path, size in zip(pieces, sizes):
+            if size:
+                io.submit(_read_piece, _worker_fs, path, mv[pos:pos + size])
+            pos += size
+        io.wait("read")
     out = sort_records(recs)
     del recs, mv
     with fs.open(out_path, "wb") as f:
         _write_all(f, out)
-    return out.shape[0], time.perf_counter() - t0
+    return out.shape[0], costs.done()
 
 
-def _validate_task(out_path: str, sum_path: str, chunk: int) -> tuple[bytes, float]:
-    """valsort -o: summarize one output file and write its summary."""
-    t0 = time.perf_counter()
-    fs = _fs()
-    with fs.open(out_path, "rb") as f:
-        s = valsort.summarize_file(f, chunk)
-    data = s.to_bytes()
+def _validate_task(out_path: str, sum_path: str, chunk: int) -> tuple[bytes, dict]:
+    """valsort -o: summarize one output file and write its summary.
+
+    Chunk k+1 is read while chunk k is checked (two buffers)."""
+    costs = Costs()
+    fs = _fs(costs)
+    v = valsort.Validator()
+    bufs = [np.empty((chunk, RECORD_SIZE), np.uint8) for _ in range(2)]
+    with fs.open(out_path, "rb") as f, _Overlap(costs, 1) as io:
+        raw = _raw(f)
+        io.submit(_read_records, raw, bufs[0])
+        k = 0
+        while True:
+            (recs,) = io.wait("read")
+            if recs.shape[0] == chunk:
+                k += 1
+                io.submit(_read_records, raw, bufs[k % 2])
+            if recs.shape[0]:
+                v.update(recs)
+            if recs.shape[0] < chunk:
+                break
+        io.wait("read")
+    data = v.summary.to_bytes()
     with fs.open(sum_path, "wb") as f:
         f.write(data)
-    return data, time.perf_counter() - t0
+    return data, costs.done()
 
 
 # ------------------------------------------------------------------- driver
@@ -319,6 +534,8 @@ class Result:
     summary: Summary
     times: dict[str, float]
     errors: list[str]
+    costs: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    """Per phase, the tasks' Costs summed (worker-seconds; see Costs)."""
 
     @property
     def bytes(self) -> int:
@@ -434,6 +651,7 @@ def run_graysort(fs_factory: Callable[[], Any], records: int, partitions: int, w
 
     fs = fs_factory()
     times: dict[str, float] = {}
+    costs: dict[str, dict[str, float]] = {}
     try:
         for d in (in_dir, tmp_dir, out_dir):
             _clear(fs, d)
@@ -455,24 +673,28 @@ def run_graysort(fs_factory: Callable[[], Any], records: int, partitions: int, w
                              [(in_path % w, s, n, chunk_records)
                               for w, (s, n) in enumerate(slices(records, inputs))], progress)
             times["gen"] = time.perf_counter() - t
+            costs["gen"] = _sum_costs(r[-1] for r in gen)
             input_checksum = sum(c for _, c, _ in gen) & _MASK128
 
             t = time.perf_counter()
-            _run_phase(pool, "phase1", tasks._partition_task,
-                       [(in_path % w, posixpath.join(tmp_dir, f"w{w:03d}-p%05d"), partitions,
-                         chunk_records) for w in range(inputs)], progress)
+            done = _run_phase(pool, "phase1", tasks._partition_task,
+                              [(in_path % w, posixpath.join(tmp_dir, f"w{w:03d}-p%05d"), partitions,
+                                chunk_records) for w in range(inputs)], progress)
             times["phase1"] = time.perf_counter() - t
+            costs["phase1"] = _sum_costs(r[-1] for r in done)
 
             t = time.perf_counter()
-            _run_phase(pool, "phase2", tasks._sort_task,
-                       [([tmp_path % (w, p) for w in range(inputs)], out_path % p)
-                        for p in range(partitions)], progress)
+            done = _run_phase(pool, "phase2", tasks._sort_task,
+                              [([tmp_path % (w, p) for w in range(inputs)], out_path % p)
+                               for p in range(partitions)], progress)
             times["phase2"] = time.perf_counter() - t
+            costs["phase2"] = _sum_costs(r[-1] for r in done)
 
             t = time.perf_counter()
-            _run_phase(pool, "validate", tasks._validate_task,
-                       [(out_path % p, sum_path % p, chunk_records) for p in range(partitions)],
-                       progress)
+            done = _run_phase(pool, "validate", tasks._validate_task,
+                              [(out_path % p, sum_path % p, chunk_records) for p in range(partitions)],
+                              progress)
+            costs["validate"] = _sum_costs(r[-1] for r in done)
             summaries = []
             for p in range(partitions):  # valsort -s over the summary files, in order
                 with fs.open(sum_path % p, "rb") as f:
@@ -497,7 +719,15 @@ def run_graysort(fs_factory: Callable[[], Any], records: int, partitions: int, w
         close = getattr(fs, "close", None)
         if callable(close):
             close()
-    return Result(records, partitions, workers, input_checksum, total, times, errors)
+    return Result(records, partitions, workers, input_checksum, total, times, errors, costs)
+
+
+def _sum_costs(items) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for c in items:
+        for k, v in c.items():
+            out[k] = out.get(k, 0.0) + v
+    return out
 
 
 # ---------------------------------------------------------------------- CLI
@@ -517,22 +747,71 @@ def _count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a count: {text!r}") from None
 
 
-def build_parser(prog: str = "python -m flyfs.bench.graysort") -> argparse.ArgumentParser:
+QUICK = dict(records=200_000, partitions=4, workers=2)
+DEFAULT_RECORDS = 10_000_000  # 1 GB, the size of the issue-6 goal
+GOAL_RATIO = 1.3  # flyfs time / local time for the whole run (gen, sort, validate)
+
+
+def _size(text: str) -> int:
+    from flyfs.cluster.launcher import parse_size
+    return parse_size(text)
+
+
+def build_parser(prog: str = "flyfs bench graysort") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
-        description="GraySort benchmark: generate gensort records, sort them in two phases "
-                    "with worker processes, validate like valsort.",
-        epilog="example: %(prog)s --records 10M --partitions 8 --workers 2 --local /tmp/gs")
-    p.add_argument("--records", type=_count, required=True, help="records to sort (100 bytes each)")
-    p.add_argument("--partitions", type=_count, default=8, help="output partitions (default 8)")
-    p.add_argument("--workers", type=_count, default=os.cpu_count() or 1,
+        description="GraySort benchmark: generate gensort records, sort them in two phases with\n"
+                    "worker processes, validate like valsort; on flyfs, beside the same run on a\n"
+                    "local directory.",
+        epilog="examples: %(prog)s --quick   (temporary cluster, small run)\n"
+               "          %(prog)s --cluster 127.0.0.1:8000 --records 10M --partitions 8 "
+               "--workers 2 --local /tmp/gslocal\n"
+               "          %(prog)s --records 10M --local /tmp/gs   (local directory only)",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--records", type=_count, default=None,
+                   help=f"records to sort, 100 bytes each (default {DEFAULT_RECORDS:,}; "
+                        f"--quick {QUICK['records']:,})")
+    p.add_argument("--partitions", type=_count, default=None, help="output partitions (default 8)")
+    p.add_argument("--workers", type=_count, default=None,
                    help="worker processes (default: CPU count)")
-    p.add_argument("--local", metavar="DIR", required=True, help="run on this local directory")
+    p.add_argument("--cluster", metavar="HOST:PORT", default=None,
+                   help="run on the flyfs cluster whose mgmtd is at HOST:PORT")
+    p.add_argument("--temp-cluster", action="store_true",
+                   help="run on a temporary cluster started for this run (the default when "
+                        "neither --cluster nor --local is given, and with --quick)")
+    p.add_argument("--data-dir", metavar="DIR", default=None,
+                   help="parent directory of the temporary cluster and local baseline "
+                        "(default: the system temp dir)")
+    p.add_argument("--meta", metavar="HOST:PORT", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--local", metavar="DIR", default=None,
+                   help="the local directory for the baseline run; alone (no --cluster, "
+                        "--temp-cluster or --quick): run only there")
+    p.add_argument("--no-local", action="store_true",
+                   help="skip the local baseline run when running on flyfs")
+    p.add_argument("--local-fsync", action="store_true",
+                   help="fsync every local file written, at close (a durable baseline: flyfs "
+                        "makes every chunk durable on each replica before acknowledging it)")
+    p.add_argument("--replicas", type=int, default=3,
+                   help="replicas per chain of the temporary cluster (default 3)")
+    p.add_argument("--chunk-size", type=_size, default=4 << 20,
+                   help="chunk size of the temporary cluster (default 4MiB)")
     p.add_argument("--dir", default="/graysort", help="benchmark directory inside the file system")
     p.add_argument("--keep", action="store_true", help="keep input and intermediate files")
+    p.add_argument("--quick", action="store_true",
+                   help=f"a small run ({QUICK['records']:,} records, {QUICK['partitions']} "
+                        f"partitions, {QUICK['workers']} workers) for a smoke test")
     p.add_argument("--start-method", default="spawn", choices=["spawn", "forkserver", "fork"],
                    help="multiprocessing start method (default spawn)")
     return p
+
+
+def _fill_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    base = QUICK if args.quick else dict(records=DEFAULT_RECORDS, partitions=8,
+                                         workers=os.cpu_count() or 1)
+    for k, v in base.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
 
 
 def print_result(result: Result, out=None) -> None:
@@ -576,13 +855,181 @@ def run_cli(args: argparse.Namespace, fs_factory: Callable[[], Any], where: str)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _fill_defaults(build_parser().parse_args(argv))
+    on_flyfs = bool(args.cluster or args.temp_cluster or args.quick or not args.local)
     try:
-        os.makedirs(args.local, exist_ok=True)
-        return run_cli(args, LocalFS(args.local), f"local directory {os.path.abspath(args.local)}")
+        if not on_flyfs:
+            os.makedirs(args.local, exist_ok=True)
+            return run_cli(args, LocalFS(args.local, fsync=args.local_fsync),
+                           f"local directory {os.path.abspath(args.local)}")
+        return run_compare(args)
     except ValueError as e:
         print(f"graysort: {e}", file=sys.stderr)
         return 2
+    except (OSError, RuntimeError, TimeoutError) as e:
+        print(f"graysort: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        from flyfs.cluster.mgmtd_client import MgmtdError
+        if isinstance(e, MgmtdError):  # e.g. no mgmtd at --cluster
+            print(f"graysort: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+# ------------------------------------------------------------ flyfs vs local
+
+
+class _Watch:
+    """Progress bars per phase, plus each phase's wall time and the CPU seconds
+    the cluster's daemons spent in it (clusters started here only)."""
+
+    def __init__(self, label: str, cluster: Any = None) -> None:
+        from flyfs.bench import report
+        self.label = label
+        self.cluster = cluster
+        self.daemon_cpu: dict[str, dict[str, float]] = {}
+        self._before: dict[str, float] = {}
+        self._bars = report.PhaseBars(f"{label} ", on_phase=self._phase_done)
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if done == 0 and self.cluster is not None:
+            self._before = self.cluster.cpu()
+        if done >= total and self.cluster is not None:
+            from flyfs.bench.suite import cpu_delta
+            self.daemon_cpu[phase] = cpu_delta(self._before, self.cluster.cpu())
+        self._bars(phase, done, total)
+
+    def _phase_done(self, phase: str, seconds: float) -> None:
+        print(f"  {self.label}: {phase} done in {seconds:.2f} s", flush=True)
+
+
+def _run_one(args: argparse.Namespace, fs_factory: Callable[[], Any], label: str,
+             cluster: Any = None) -> tuple[Result, dict]:
+    watch = _Watch(label, cluster)
+    print(f"{label}: running", flush=True)
+    res = run_graysort(fs_factory, args.records, args.partitions, args.workers, dir=args.dir,
+                       keep=args.keep, progress=watch, start_method=args.start_method)
+    print(f"{label}: validation {'OK' if res.ok else 'FAILED: ' + '; '.join(res.errors)}", flush=True)
+    return res, watch.daemon_cpu
+
+
+PHASES = ("gen", "phase1", "phase2", "validate")
+
+
+def _total_seconds(r: Result) -> float:
+    return sum(r.times.get(p, 0.0) for p in PHASES)
+
+
+def compare_rows(fly: Result, local: Result | None) -> list[dict]:
+    """The results table: item, flyfs, local, ratio (flyfs / local)."""
+    from flyfs.bench import report
+    rows = []
+
+    def row(item: str, f: float | str, l: float | str | None, fmt=None) -> None:
+        ratio = report.fmt_ratio(f, l) if isinstance(f, float) and isinstance(l, float) else ""
+        show = fmt or str
+        rows.append({"item": item, "flyfs": show(f),
+                     "local": "" if l is None else show(l), "ratio": ratio})
+
+    for ph in PHASES:
+        row(f"{ph} time", fly.times[ph], local.times[ph] if local else None, report.fmt_seconds)
+    row("sort time (phase 1 + 2)", fly.sort_seconds, local.sort_seconds if local else None,
+        report.fmt_seconds)
+    row("total time (gen to validate)", _total_seconds(fly), _total_seconds(local) if local else None,
+        report.fmt_seconds)
+    row("sort throughput", fly.bytes_per_min, local.bytes_per_min if local else None,
+        lambda v: report.fmt_bytes(v) + "/min")
+    row("sort throughput (TiB/min)", fly.bytes_per_min / (1 << 40),
+        local.bytes_per_min / (1 << 40) if local else None, lambda v: f"{v:.6f}")
+    row("sort records/s", fly.records_per_s, local.records_per_s if local else None,
+        lambda v: f"{v:,.0f}")
+    row("output checksum", fly.summary.checksum_hex, local.summary.checksum_hex if local else None)
+    row("validation", "OK" if fly.ok else "FAILED", ("OK" if local.ok else "FAILED") if local else None)
+    return rows
+
+
+def profile_rows(label: str, r: Result, daemon_cpu: dict[str, dict[str, float]]) -> list[dict]:
+    """Where each phase's time went: worker-seconds in metadata calls, reads,
+    writes and compute (summed over the tasks), the workers' CPU, and the
+    daemons' CPU."""
+    ncpu = os.cpu_count() or 1
+    rows = []
+    for ph in PHASES:
+        c = r.costs.get(ph, {})
+        d = daemon_cpu.get(ph, {})
+        storage = sum(v for k, v in d.items() if k.startswith("storage"))
+        other = sum(v for k, v in d.items() if not k.startswith("storage"))
+        wall = r.times.get(ph, 0.0)
+        busy = (c.get("cpu", 0.0) + storage + other) / (ncpu * wall) if wall else 0.0
+        rows.append({"run": label, "phase": ph, "wall s": f"{wall:.2f}",
+                     **{f"{k} s": f"{c.get(k, 0.0):.2f}" for k in ("meta", "read", "write", "compute")},
+                     "worker cpu s": f"{c.get('cpu', 0.0):.2f}",
+                     "storage cpu s": f"{storage:.2f}" if d else "-",
+                     "meta+mgmtd cpu s": f"{other:.2f}" if d else "-",
+                     "cpu busy": f"{busy * 100:.0f}%"})
+    return rows
+
+
+PROFILE_COLUMNS = ["run", "phase", "wall s", "meta s", "read s", "write s", "compute s",
+                   "worker cpu s", "storage cpu s", "meta+mgmtd cpu s", "cpu busy"]
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    """GraySort on flyfs (a given or temporary cluster), then, unless --no-local,
+    the same run on a local directory; print both, their ratio and a profile."""
+    import tempfile
+
+    from flyfs.bench import report, suite
+    from flyfs.bench.flyfs_fs import FlyfsFS
+
+    local_dir = args.local
+    temp_local = None
+    if not args.no_local and not local_dir:
+        if args.data_dir:
+            os.makedirs(args.data_dir, exist_ok=True)
+        local_dir = temp_local = tempfile.mkdtemp(prefix="flyfs-graysort-local-", dir=args.data_dir)
+    try:
+        with suite.cluster(args.cluster, data_dir=args.data_dir, replicas=args.replicas,
+                           storage_nodes=max(3, args.replicas), chunk_size=args.chunk_size) as c:
+            report.params(
+                "flyfs bench graysort",
+                records=f"{args.records:,} ({_human(args.records * RECORD_SIZE)})",
+                partitions=args.partitions, workers=args.workers, dir=args.dir, keep=args.keep,
+                cluster=c.describe(),
+                local="(skipped)" if args.no_local else
+                      f"{os.path.abspath(local_dir)}{' (temporary)' if temp_local else ''}"
+                      f"{', fsync at close' if args.local_fsync else ''}",
+                cpus=os.cpu_count(), start_method=args.start_method)
+            fly, fly_cpu = _run_one(args, FlyfsFS(c.address, args.meta), "flyfs", c)
+            local = None
+            if not args.no_local:
+                os.makedirs(local_dir, exist_ok=True)
+                local, _ = _run_one(args, LocalFS(local_dir, fsync=args.local_fsync), "local")
+                if temp_local:
+                    shutil.rmtree(temp_local, ignore_errors=True)
+    finally:
+        if temp_local:
+            shutil.rmtree(temp_local, ignore_errors=True)
+    print()
+    if local:
+        report.table(compare_rows(fly, local), ["item", "flyfs", "local", "ratio"])
+        print("ratio = flyfs / local (times: above 1 means flyfs took longer; rates: below 1 "
+              "means flyfs was slower)")
+    else:
+        report.table(compare_rows(fly, None), ["item", "flyfs"])
+    print()
+    prof = profile_rows("flyfs", fly, fly_cpu) + (profile_rows("local", local, {}) if local else [])
+    report.table(prof, PROFILE_COLUMNS)
+    print("meta/read/write/compute: worker-seconds inside metadata calls (open, stat, close, "
+          "which flushes and, with --local-fsync, fsyncs), waiting for reads, waiting for writes, "
+          "and the rest, summed over tasks; cpu busy: CPU used by the workers and daemons / "
+          f"({os.cpu_count()} CPUs x wall)")
+    if local:
+        ratio = _total_seconds(fly) / max(_total_seconds(local), 1e-9)
+        verdict = "met" if ratio <= GOAL_RATIO else "not met"
+        print(f"\nflyfs / local total time: {ratio:.2f}x (goal <= {GOAL_RATIO}x: {verdict})")
+    return 0 if fly.ok and (local is None or local.ok) else 1
 
 
 if __name__ == "__main__":

@@ -123,6 +123,22 @@ class Cluster:
                 f"targets, {lc.replicas} replicas, chunk {lc.chunk_size >> 20} MiB, in {self.data_dir})")
 
 
+def _wait_meta_registered(lc, timeout: float) -> None:
+    """Wait until mgmtd lists a live metadata server: the meta daemon's port opens
+    (all LocalCluster.start waits for) before it has registered, and a client
+    connecting in between finds no metadata server."""
+    from flyfs.proto import mgmtd_pb2
+    deadline = time.monotonic() + timeout
+    while True:
+        info = lc.routing()
+        if any(n.type == mgmtd_pb2.NODE_META and n.alive for n in info.nodes):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no metadata server registered with mgmtd within {timeout:g} s; "
+                               f"see {lc.data_dir}/logs")
+        time.sleep(0.05)
+
+
 @contextlib.contextmanager
 def cluster(address: str | None = None, *, data_dir: str | None = None, keep: bool = False,
             quiet: bool = False, **cluster_options) -> Iterator[Cluster]:
@@ -144,6 +160,7 @@ def cluster(address: str | None = None, *, data_dir: str | None = None, keep: bo
         if not quiet:
             print(f"starting a temporary cluster in {root} ...", file=sys.stderr, flush=True)
         lc.start()
+        _wait_meta_registered(lc, 60.0)
         if not quiet:
             print(f"cluster up at {lc.mgmtd_address} in {time.monotonic() - t0:.1f} s",
                   file=sys.stderr, flush=True)

@@ -153,6 +153,12 @@ class LocalCluster:
                                      "--listen", f"{self.host}:{self.ports['meta']}",
                                      "--chunk-size", str(self.chunk_size)])
         wait_port(self.host, self.ports["meta"], _left(deadline), meta)
+        # Clients find the metadata server in the routing info: wait for its registration.
+        while not any(n.type == mgmtd_pb2.NODE_META and n.alive for n in self.routing().nodes):
+            self._check_children()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the metadata server did not register with mgmtd; see {meta.log_path}")
+            time.sleep(0.1)
         if self.mount:
             self._mount(deadline)
 

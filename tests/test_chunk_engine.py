@@ -545,6 +545,25 @@ async def test_async_updates_of_one_chunk_serialize(tmp_path):
         assert (await e.read(c, 0, MAXC))[0] == model
 
 
+async def test_async_call_runs_several_steps_under_the_chunk_lock(tmp_path):
+    """`call` runs a function of the sync core in one trip, serialized with the other
+    updates of the same chunk (FIFO), so look-up-then-write sequences never interleave."""
+    async with await ChunkEngine.open(str(tmp_path / "a"), block_size=BS, max_chunk_size=MAXC) as e:
+        c = cid(22, 0)
+
+        def bump(core):
+            m = core.get_meta(c)
+            v = (m.commit_ver if m else 0) + 1
+            core.prepare_write(c, 0, v.to_bytes(4, "big"), v, 1)
+            return core.commit(c, v).commit_ver
+
+        got = await asyncio.gather(*(e.call([c], bump) for _ in range(20)))
+        assert sorted(got) == list(range(1, 21))
+        assert (await e.read(c, 0, 4))[0] == (20).to_bytes(4, "big")
+        with pytest.raises(InvalidArgument):
+            await e.call([b""], bump)
+
+
 async def test_async_different_chunks_run_in_parallel(tmp_path):
     gate = threading.Event()
     entered = threading.Event()

@@ -486,6 +486,40 @@ async def test_restarted_node_resyncs_and_serves(cluster):
     assert set(vt) <= synced
 
 
+async def test_middle_failing_to_stage_commits_nothing_and_the_retry_converges(cluster):
+    """A middle whose own write fails (in the one engine trip that looks up, decides and
+    stages) commits nothing and forwards nothing; the head retries and the chain converges."""
+    sc = cluster.client()
+    info = await cluster.routing()
+    chain = info.chains[info.table(1)[0]]
+    c = chain.chain_id
+    h, mid, tail = chain.target_ids
+    core = cluster.nodes[cluster.node_of_target(mid, info)].server.targets[mid].engine.sync
+    first = b"A" * 5000
+    await sc.write(c, 41, 0, 0, first, chunk_size=CS)
+    failed = []
+
+    def fail_once(point):
+        if point == "prepare.written" and not failed:
+            failed.append(point)
+            raise OSError(5, "injected write error")
+
+    core._fault = fail_once
+    try:
+        r = await sc.write(c, 41, 0, 100, b"B" * 200, chunk_size=CS)
+    finally:
+        core._fault = None
+    assert failed, "the fault never fired"
+    model = bytearray(first)
+    craq.apply_delta(model, "write", 100, 200, b"B" * 200)
+    assert r.commit_version == 2 and r.length == len(model)
+    metas = await assert_replicas_equal(sc, chain)
+    assert metas[(41, 0)] == (2, len(model), crc32c(model))
+    for t in chain.target_ids:
+        got = await sc.read_target(t, ReadPiece(c, 41, 0, 0, CS))
+        assert got[0].status.code == SC.OK and got[1] == model
+
+
 async def test_lagging_stuck_and_ahead_replicas_are_repaired_by_full_chunks(cluster):
     """Replicas out of step (a missed update, a stuck pending version, a stale copy with a
     higher version) never take a delta on the wrong base: they get the full chunk."""

@@ -10,12 +10,23 @@ the same run, the raw-socket baseline: plain blocking TCP over loopback
 Goals: reads >= 70% of the raw socket, writes on a chain of 3 >= 25%.
 Never fails for being slow.
 
+Writes are also compared with what the disk under the data directory allows:
+the same request pattern written once and three times (every replica of a
+chain of 3 on this one disk), each request `pwrite` + `fdatasync`ed, from
+`--depth` writers per replica (the "disk" rows; ratio "vs disk" beside each
+write). The "cpu/MiB" column is CPU seconds per MiB moved, per process
+(client = this process; storage daemons summed), read from /proc.
+`--profile DIR` makes the daemons write their per-phase wall times there
+(FLYFS_STORAGE_PROFILE, see flyfs/storage/server.py).
+
     flyfs bench storage [--size 256MiB] [--depth 4] [--chunk-size 4MiB] [--quick] [--data-dir DIR]
+                        [--profile DIR] [--no-disk]
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import os
 import shutil
 import sys
@@ -45,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="64 MiB per run")
     p.add_argument("--data-dir", help="where the targets live (default: a temporary directory)")
     p.add_argument("--keep", action="store_true", help="keep the data dir and logs")
+    p.add_argument("--profile", help="directory where the daemons write per-phase times at exit")
+    p.add_argument("--no-disk", action="store_true", help="skip the fdatasync disk-limit runs")
     return p
 
 
@@ -84,6 +97,53 @@ class _Cluster:
         for d in reversed(self.daemons):
             d.stop()
 
+    def storage_cpu(self) -> float:
+        """CPU seconds used so far by the storage daemons (summed)."""
+        return sum(_proc_cpu(d.pid) for d in self.daemons[1:] if d.pid)
+
+
+def _proc_cpu(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def disk_limit(root: str, total: int, req: int, chunk: int, depth: int, replicas: int) -> float:
+    """Bytes/s of `total` bytes written `replicas` times as the storage daemons would:
+    `req`-sized pwrites into `chunk`-sized files, each followed by fdatasync,
+    `depth` writers per replica. The ceiling for writes on one disk."""
+    d = tempfile.mkdtemp(prefix="disk-limit-", dir=root)
+    data = os.urandom(req)
+    per_chunk = chunk // req
+    n = total // req
+    fds: dict[tuple[int, int], int] = {}
+    try:
+        for r in range(replicas):
+            for c in range(-(-n // per_chunk)):
+                fds[r, c] = os.open(os.path.join(d, f"{r}.{c}"), os.O_WRONLY | os.O_CREAT, 0o644)
+
+        def one(r: int, i: int) -> None:
+            fd = fds[r, i // per_chunk]
+            os.pwrite(fd, data, (i % per_chunk) * req)
+            os.fdatasync(fd)
+
+        def writer(r: int, k: int) -> None:
+            for i in range(k, n, depth):
+                one(r, i)
+
+        t0 = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(replicas * depth) as ex:
+            for f in [ex.submit(writer, r, k) for r in range(replicas) for k in range(depth)]:
+                f.result()
+        return total / (time.perf_counter() - t0)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+        shutil.rmtree(d, ignore_errors=True)
+
 
 async def _setup_chains(mgmtd) -> tuple[int, int]:
     """(a chain of 3, a chain of 1): first targets of each node in one, a second target alone."""
@@ -112,8 +172,9 @@ async def _setup_chains(mgmtd) -> tuple[int, int]:
 
 
 async def _run_io(sc, chain: int, inode: int, total: int, req: int, chunk: int, depth: int,
-                  pattern: bytes) -> tuple[float, float]:
-    """Write then read `total` bytes in `req`-sized requests; returns (write B/s, read B/s)."""
+                  pattern: bytes, between=lambda: None) -> tuple[float, float]:
+    """Write then read `total` bytes in `req`-sized requests; returns (write B/s, read B/s).
+    `between` is called after the writes and after the reads (before checking them)."""
     from flyfs.client.storage_client import ReadPiece
     n = total // req
     per_chunk = chunk // req
@@ -132,6 +193,7 @@ async def _run_io(sc, chain: int, inode: int, total: int, req: int, chunk: int, 
     t0 = time.perf_counter()
     await asyncio.gather(*(write(i) for i in range(n)))
     wt = time.perf_counter() - t0
+    between()
 
     out = bytearray(n * req)    # touched before timing: no page faults while reading
     view = memoryview(out)
@@ -147,6 +209,7 @@ async def _run_io(sc, chain: int, inode: int, total: int, req: int, chunk: int, 
     t0 = time.perf_counter()
     await asyncio.gather(*(read(i) for i in range(n)))
     rt = time.perf_counter() - t0
+    between()
     bad = short + [i for i in range(n) if view[i * req:(i + 1) * req] != data]
     view.release()
     if bad:
@@ -154,7 +217,8 @@ async def _run_io(sc, chain: int, inode: int, total: int, req: int, chunk: int, 
     return n * req / wt, n * req / rt
 
 
-async def _bench(args, mgmtd_addr: str) -> list[dict]:
+async def _bench(args, cluster: "_Cluster", root: str) -> list[dict]:
+    mgmtd_addr = cluster.mgmtd
     from flyfs.client.storage_client import StorageClient
     from flyfs.cluster.mgmtd_client import MgmtdClient
     mgmtd = MgmtdClient(mgmtd_addr)
@@ -168,16 +232,34 @@ async def _bench(args, mgmtd_addr: str) -> list[dict]:
             raw = await asyncio.to_thread(raw_socket_throughput, args.size, req)
             rows.append({"item": f"raw socket, {req // MiB} MiB blocks", "value": report.fmt_rate(raw, "B/s"),
                          "baseline": "-", "ratio": "1.00", "goal": ""})
+            disk = {}
+            if not args.no_disk:
+                for k in (1, 3):
+                    disk[k] = await asyncio.to_thread(disk_limit, root, args.size, req, args.chunk_size,
+                                                      args.depth, k)
+                    rows.append({"item": f"disk: {k} x fdatasync'd {req // MiB} MiB writes",
+                                 "value": report.fmt_rate(disk[k], "B/s"), "baseline": "-", "ratio": "",
+                                 "goal": ""})
+            mib = args.size / MiB
             for name, chain in (("chain of 1", c1), ("chain of 3", c3)):
-                w, r = await _run_io(sc, chain, inode, args.size, req, args.chunk_size, args.depth, pattern)
+                cpu0 = (time.process_time(), cluster.storage_cpu())
+                cpu = []
+                w, r = await _run_io(sc, chain, inode, args.size, req, args.chunk_size, args.depth, pattern,
+                                     lambda: cpu.append((time.process_time(), cluster.storage_cpu())))
+                cpu_w = f"{(cpu[0][0] - cpu0[0]) / mib * 1e3:.2f} / {(cpu[0][1] - cpu0[1]) / mib * 1e3:.2f}"
+                cpu_r = f"{(cpu[1][0] - cpu[0][0]) / mib * 1e3:.2f} / {(cpu[1][1] - cpu[0][1]) / mib * 1e3:.2f}"
                 inode += 1
+                replicas = 3 if name == "chain of 3" else 1
                 goal_w = GOALS["write-3"] if name == "chain of 3" else None
                 rows.append({"item": f"write, {name}, {req // MiB} MiB", "value": report.fmt_rate(w, "B/s"),
                              "baseline": report.fmt_rate(raw, "B/s"), "ratio": f"{w / raw:.2f}",
+                             "vs disk": f"{w / disk[replicas]:.2f}" if disk else "",
+                             "cpu ms/MiB client / storage": cpu_w,
                              "goal": f">= {goal_w:.2f} {'ok' if w / raw >= goal_w else 'MISSED'}"
                              if goal_w else ""})
                 rows.append({"item": f"read, {name}, {req // MiB} MiB", "value": report.fmt_rate(r, "B/s"),
                              "baseline": report.fmt_rate(raw, "B/s"), "ratio": f"{r / raw:.2f}",
+                             "cpu ms/MiB client / storage": cpu_r,
                              "goal": f">= {GOALS['read']:.2f} {'ok' if r / raw >= GOALS['read'] else 'MISSED'}"})
                 print(f"   {name}, {req // MiB} MiB requests: write {report.fmt_rate(w, 'B/s')}, "
                       f"read {report.fmt_rate(r, 'B/s')}", flush=True)
@@ -200,19 +282,21 @@ def main(argv: list[str] | None = None) -> int:
     report.params("storage: sequential chunk I/O through CRAQ chains", size=f"{args.size // MiB} MiB per run",
                   depth=args.depth, chunk_size=f"{args.chunk_size // MiB} MiB", data_dir=root,
                   cpus=os.cpu_count())
+    if args.profile:
+        os.environ["FLYFS_STORAGE_PROFILE"] = os.path.abspath(args.profile)
     cluster = _Cluster(root)
     try:
         cluster.start()
         try:
             import uvloop
-            rows = uvloop.run(_bench(args, cluster.mgmtd))
+            rows = uvloop.run(_bench(args, cluster, root))
         except ImportError:
-            rows = asyncio.run(_bench(args, cluster.mgmtd))
+            rows = asyncio.run(_bench(args, cluster, root))
     finally:
         cluster.stop()
         if not args.keep and not args.data_dir:
             shutil.rmtree(root, ignore_errors=True)
-    report.table(rows, ["item", "value", "baseline", "ratio", "goal"])
+    report.table(rows, ["item", "value", "baseline", "ratio", "vs disk", "cpu ms/MiB client / storage", "goal"])
     return 0
 
 

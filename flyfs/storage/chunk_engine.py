@@ -1180,6 +1180,11 @@ class ChunkEngine:
         async with self._locks.hold(chunk_ids):
             return await self._run(fn, *args, **kwargs)
 
+    async def call(self, chunk_ids: list[bytes], fn: Callable[["SyncChunkEngine"], object]):
+        """Run ``fn(core)`` in the engine's pool holding the update locks of ``chunk_ids``:
+        several steps of one request (look up, decide, stage) for one thread hop."""
+        return await self._locked(sorted({_check_id(c) for c in chunk_ids}), fn, self.sync)
+
     async def prepare_write(self, chunk_id: bytes, offset: int, data, update_ver: int, chain_ver: int,
                             *, chunk_size: int | None = None) -> ChunkMeta:
         return await self._locked([_check_id(chunk_id)], self.sync.prepare_write, chunk_id, offset, data,

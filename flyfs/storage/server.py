@@ -20,7 +20,10 @@ successor is skipped once mgmtd takes it out of the chain) for
 was sent more than half its lease ago takes no updates (NOT_SERVING), so a
 node cut off from mgmtd cannot write behind the back of the chain that
 replaced it. Resync of a returning target is driven by its predecessor
-(flyfs/storage/resync.py). All disk I/O runs in the chunk engine's threads.
+(flyfs/storage/resync.py). All disk I/O runs in the chunk engine's threads, one
+trip per update step: look up + decide + stage (+ commit on the tail), then commit.
+With FLYFS_STORAGE_PROFILE=DIR the daemon writes the wall time of each phase
+(`PhaseTimes`) and its CPU time to DIR/storage-NODE.json when it stops.
 """
 from __future__ import annotations
 
@@ -127,6 +130,34 @@ class _KeyedLocks:
 
     def __len__(self) -> int:
         return len(self._locks)
+
+
+class PhaseTimes:
+    """Wall time spent per phase of the update and read paths (count, seconds).
+
+    Always collected (a dict update per phase); written as JSON at stop when
+    the environment variable FLYFS_STORAGE_PROFILE names a directory, along
+    with the process CPU time, so `flyfs bench storage --profile DIR` can show
+    where a request's time goes.
+    """
+
+    def __init__(self):
+        self.phases: dict[str, list] = {}
+
+    def add(self, name: str, t0: float) -> float:
+        """Charge the time since `t0` to `name`; returns now (the next phase's t0)."""
+        now = time.perf_counter()
+        ent = self.phases.get(name)
+        if ent is None:
+            ent = self.phases[name] = [0, 0.0]
+        ent[0] += 1
+        ent[1] += now - t0
+        return now
+
+    def snapshot(self) -> dict:
+        cpu = os.times()
+        phases = {k: {"count": n, "seconds": round(t, 6)} for k, (n, t) in sorted(self.phases.items())}
+        return {"phases": phases, "cpu_user_s": cpu.user, "cpu_system_s": cpu.system}
 
 
 class _ReadBuffers:
@@ -239,6 +270,7 @@ class StorageServer:
         self._server: net.Server | None = None
         self._locks = _KeyedLocks()
         self._read_buffers = _ReadBuffers()
+        self.phases = PhaseTimes()
         self._tasks: set[asyncio.Task] = set()
         self._hb_task: asyncio.Task | None = None
         self._hb_wakeup: asyncio.Event | None = None
@@ -310,6 +342,18 @@ class StorageServer:
             except Exception as e:  # keep closing the others
                 log.warning("closing target %s: %s", t.path, e)
         await self.mgmtd.close()
+        self._dump_phases()
+
+    def _dump_phases(self) -> None:
+        where = os.environ.get("FLYFS_STORAGE_PROFILE")
+        if not where:
+            return
+        try:
+            os.makedirs(where, exist_ok=True)
+            with open(os.path.join(where, f"storage-{self.node_id}.json"), "w") as f:
+                json.dump(self.phases.snapshot(), f, indent=1)
+        except OSError as e:
+            log.warning("cannot write the phase profile to %s: %s", where, e)
 
     async def __aenter__(self) -> "StorageServer":
         await self.start()
@@ -534,6 +578,7 @@ class StorageServer:
             reply.status.message = f"unknown storage method {req.method}"
             return net.Response(reply.SerializeToString())
         req_cls, reply_cls, fn = spec
+        t0 = time.perf_counter()
         try:
             msg = req_cls.FromString(req.header)
         except (DecodeError, ValueError) as e:
@@ -550,6 +595,7 @@ class StorageServer:
         except Exception as e:
             log.exception("storage method %d failed", req.method)
             return self._error(reply_cls, SC.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+        self.phases.add(f"method.{req.method}", t0)
         return net.Response(reply.SerializeToString(), payload)
 
     @staticmethod
@@ -694,7 +740,10 @@ class StorageServer:
                            utype: str) -> tuple[int, int]:
         engine = target.engine
         cid = _cid(msg.chunk)
+        ph = self.phases
+        t = time.perf_counter()
         async with self.chunk_lock(target, cid):
+            t = ph.add("head.lock_wait", t)
             role = target.role
             if role is None or not role.is_head:
                 raise StatusError(SC.NOT_HEAD, f"target {target.target_id} stopped being the head of "
@@ -705,36 +754,64 @@ class StorageServer:
                 await self._forward(target, fwd, (), None)
                 await engine.remove([cid])
                 return 0, 0
-            meta = await engine.get_meta(cid)
-            if meta is None:
-                plan = craq.HeadPlan(False, 1, 0)
-            else:
-                plan = craq.head_plan(meta.commit_ver, meta.update_ver, meta.has_pending)
-            if plan.abort_pending:
-                log.warning("target %d chunk %s: dropping stuck pending version %d (commit %d)",
-                            target.target_id, _hexid(cid), meta.update_ver, meta.commit_ver)
-                meta = await engine.abort(cid)
-            if utype == "truncate" and meta is None:
-                return 0, 0     # nothing to cut; a missing chunk reads as a hole
             cv = role.chain_version
-            await self._stage(engine, cid, utype, msg, payload, plan.version, cv)
+
+            def plan_and_stage(core) -> craq.HeadPlan | None:
+                # Look up, plan and stage in one trip to the engine's threads.
+                meta = core.get_meta(cid)
+                if meta is None:
+                    plan = craq.HeadPlan(False, 1, 0)
+                else:
+                    plan = craq.head_plan(meta.commit_ver, meta.update_ver, meta.has_pending)
+                if plan.abort_pending:
+                    log.warning("target %d chunk %s: dropping stuck pending version %d (commit %d)",
+                                target.target_id, _hexid(cid), meta.update_ver, meta.commit_ver)
+                    meta = core.abort(cid)
+                if utype == "truncate" and meta is None:
+                    return None     # nothing to cut; a missing chunk reads as a hole
+                self._stage_sync(core, cid, utype, msg, payload, plan.version, cv)
+                if self._alone_in_write_path(target, role):
+                    return plan, core.commit(cid, plan.version)
+                return plan, None
+
+            # Staged before forwarding, never alongside (on every target): the pending
+            # version must exist before any successor commits, so reads here answer
+            # "not committed" meanwhile, and it is what burns this version number if
+            # the update dies after successors committed it (craq's module docstring).
+            staged = await engine.call([cid], plan_and_stage)
+            t = ph.add("head.stage", t)
+            if staged is None:
+                return 0, 0
+            plan, m = staged
+            if m is not None:
+                return m.commit_ver, m.length
             fwd.update_version = plan.version
             fwd.update_chain_version = cv
             fwd.base_version = plan.base_version
             await self._forward(target, fwd, (payload,) if len(payload) else (),
                                 lambda: self._full_content(target, cid, plan.base_version, utype,
                                                            msg, payload))
+            t = ph.add("head.forward", t)
             m = await engine.commit(cid, plan.version)
+            ph.add("head.commit", t)
             return m.commit_ver, m.length
 
+    def _alone_in_write_path(self, target: Target, role: craq.Role) -> bool:
+        """Whether an engine thread that just staged an update for `target` may commit it
+        at once: `role` (taken when the update started) is still current and has no
+        successor, and the lease holds; the same checks `_forward` makes before the
+        commit, saving the commit its own trip to the engine's threads."""
+        return (target.role is role and role.successor is None and role.on_write_path
+                and not self._stopping and self.lease.valid())
+
     @staticmethod
-    async def _stage(engine: ChunkEngine, cid: bytes, utype: str, msg: S.UpdateRequest,
-                     payload: memoryview, version: int, chain_version: int) -> ChunkMeta:
+    def _stage_sync(core, cid: bytes, utype: str, msg: S.UpdateRequest, payload: memoryview,
+                    version: int, chain_version: int) -> ChunkMeta:
+        """Stage a write or truncate as pending `version` (in an engine thread)."""
         if utype == "write":
-            return await engine.prepare_write(cid, msg.offset, payload, version, chain_version,
-                                              chunk_size=msg.chunk_size)
-        return await engine.truncate(cid, msg.length, version, chain_version,
-                                     chunk_size=msg.chunk_size)
+            return core.prepare_write(cid, msg.offset, payload, version, chain_version,
+                                      chunk_size=msg.chunk_size)
+        return core.truncate(cid, msg.length, version, chain_version, chunk_size=msg.chunk_size)
 
     async def _full_content(self, target: Target, cid: bytes, base_version: int, utype: str,
                             msg: S.UpdateRequest, payload: memoryview) -> bytearray:
@@ -839,63 +916,88 @@ class StorageServer:
                                 utype: str) -> tuple[tuple[int, int], bool]:
         engine = target.engine
         cid = _cid(msg.chunk)
+        ph = self.phases
+        t = time.perf_counter()
         async with self.chunk_lock(target, cid):
+            t = ph.add("succ.lock_wait", t)
             fwd = S.UpdateRequest()
             fwd.CopyFrom(msg)
             if utype == "remove":
                 await self._forward(target, fwd, (), None)
                 await engine.remove([cid])
                 return (0, 0), False
-            meta = await engine.get_meta(cid)
-            action = craq.forward_action(
-                exists=meta is not None, commit_ver=meta.commit_ver if meta else 0,
-                has_pending=bool(meta and meta.has_pending), commit_chain_ver=meta.chain_ver if meta else 0,
-                update_type=utype, update_ver=msg.update_version,
-                update_chain_ver=msg.update_chain_version, base_ver=msg.base_version,
-                full=msg.full_chunk)
+            role = target.role
+            tail = role is not None and role.successor is None
+            v, cv = msg.update_version, msg.update_chain_version
+
+            def decide_and_stage(core):
+                # One trip to the engine's threads: look up, decide, stage, and at the
+                # tail commit too. The stage comes before forwarding (never alongside):
+                # a pending version must exist here before any successor can commit,
+                # or a read here could return an older version than the tail already
+                # served (and a crash could leave no trace of the update here).
+                meta = core.get_meta(cid)
+                action = craq.forward_action(
+                    exists=meta is not None, commit_ver=meta.commit_ver if meta else 0,
+                    has_pending=bool(meta and meta.has_pending),
+                    commit_chain_ver=meta.chain_ver if meta else 0,
+                    update_type=utype, update_ver=v, update_chain_ver=cv, base_ver=msg.base_version,
+                    full=msg.full_chunk)
+                if action is craq.ForwardAction.APPLY_DELTA:
+                    try:
+                        self._stage_sync(core, cid, utype, msg, payload, v, cv)
+                    except (ChunkCorrupted, VersionError) as e:
+                        log.info("target %d chunk %s: cannot apply delta v%d (%s); asking for the "
+                                 "full chunk", target.target_id, _hexid(cid), v, e)
+                        return craq.ForwardAction.NEED_FULL, None, None
+                elif action is craq.ForwardAction.APPLY_FULL:
+                    if self._apply_full_sync(core, cid, meta, payload, v, cv, msg.crc32c, msg.chunk_size):
+                        return action, core.get_meta(cid), "installed"
+                else:
+                    return action, meta, None
+                if tail and self._alone_in_write_path(target, role):
+                    return action, core.commit(cid, v), "committed"
+                return action, None, None
+
+            action, m, done = await engine.call([cid], decide_and_stage)
+            t = ph.add("succ.stage", t)
             if action is craq.ForwardAction.NEED_FULL:
                 return (0, 0), True
-            if action is craq.ForwardAction.DUPLICATE:
-                return (meta.commit_ver, meta.length), False
-            v, cv = msg.update_version, msg.update_chain_version
-            installed = False
+            if action is craq.ForwardAction.DUPLICATE or done == "committed":
+                return (m.commit_ver, m.length), False
+            if done == "installed":
+                # Installed as committed (a full chunk that could not be staged): forward
+                # it, then answer with what is installed (the chunk lock keeps it so).
+                await self._forward(target, fwd, (payload,) if len(payload) else (), None)
+                return (m.commit_ver, m.length), False
+            full = None
             if action is craq.ForwardAction.APPLY_DELTA:
-                try:
-                    await self._stage(engine, cid, utype, msg, payload, v, cv)
-                except (ChunkCorrupted, VersionError) as e:
-                    log.info("target %d chunk %s: cannot apply delta v%d (%s); asking for the full "
-                             "chunk", target.target_id, _hexid(cid), v, e)
-                    return (0, 0), True
                 full = (lambda: self._full_content(target, cid, msg.base_version, utype, msg, payload))
-            else:
-                installed = await self._apply_full(engine, cid, meta, payload, v, cv, msg.crc32c,
-                                                   msg.chunk_size)
-                full = None
             await self._forward(target, fwd, (payload,) if len(payload) else (), full)
-            if installed:
-                m = await engine.get_meta(cid)
-            else:
-                m = await engine.commit(cid, v)
+            t = ph.add("succ.forward", t)
+            m = await engine.commit(cid, v)
+            ph.add("succ.commit", t)
             return (m.commit_ver, m.length), False
 
     @staticmethod
-    async def _apply_full(engine: ChunkEngine, cid: bytes, meta: ChunkMeta | None, data: memoryview,
-                          version: int, chain_version: int, crc: int, chunk_size: int) -> bool:
-        """Make `data` the chunk's content at `version`: as a pending version when
-        possible (truncate to 0, then write everything, so no damaged old block
-        is read), else installed as committed. Returns True when installed."""
+    def _apply_full_sync(core, cid: bytes, meta: ChunkMeta | None, data: memoryview,
+                         version: int, chain_version: int, crc: int, chunk_size: int) -> bool:
+        """Make `data` the chunk's content at `version` (in an engine thread): as a
+        pending version when possible (truncate to 0, then write everything, so no
+        damaged old block is read), else installed as committed. Returns True when
+        installed."""
         if meta is not None and meta.has_pending:
-            meta = await engine.abort(cid)
+            meta = core.abort(cid)
         if meta is None or (version > meta.commit_ver and chain_version >= meta.chain_ver):
             try:
                 if meta is not None:
-                    await engine.truncate(cid, 0, version, chain_version, chunk_size=chunk_size)
-                await engine.prepare_write(cid, 0, data, version, chain_version, chunk_size=chunk_size)
+                    core.truncate(cid, 0, version, chain_version, chunk_size=chunk_size)
+                core.prepare_write(cid, 0, data, version, chain_version, chunk_size=chunk_size)
                 return False
             except VersionError:
-                await engine.abort(cid)
-        await engine.install(cid, data, ChunkMeta(chunk_id=cid, commit_ver=version, update_ver=version,
-                                                  chain_ver=chain_version, length=len(data), crc=crc))
+                core.abort(cid)
+        core.install(cid, data, ChunkMeta(chunk_id=cid, commit_ver=version, update_ver=version,
+                                          chain_ver=chain_version, length=len(data), crc=crc))
         return True
 
     # ----------------------------------------------------------------- remove chunks
@@ -980,6 +1082,7 @@ class StorageServer:
             raise StatusError(SC.NOT_SERVING, f"target {target.target_id} of chain {role.chain_id} is "
                               f"{role.state.name if role.state else 'not a member'}, not serving reads")
         cid = _cid(p.chunk)
+        t = time.perf_counter()
         try:
             n, meta = await target.engine.read(cid, p.offset, p.length, slot)
         except ChunkNotFound as e:
@@ -989,6 +1092,7 @@ class StorageServer:
                 # The tail's committed state is the chain's truth: nothing committed yet.
                 raise StatusError(SC.NOT_FOUND, str(e)) from None
             raise StatusError(SC.NOT_COMMITTED, str(e)) from None
+        self.phases.add("read.engine", t)
         if meta.has_pending and not role.is_read_tail and not any_state:
             raise StatusError(SC.NOT_COMMITTED, f"chunk {_hexid(cid)} has a pending version "
                               f"{meta.update_ver} on target {target.target_id}; read from the tail")

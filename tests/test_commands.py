@@ -31,3 +31,18 @@ def test_command_errors_are_one_line(fly):
     assert out.stderr.count("\n") == 1 and "No such file" in out.stderr
     out = flyfs("set-layout", "--cluster", fly.mgmtd_address, "/", "--chunk-size", "3000", "--stripe", "1")
     assert out.returncode == 1 and "chunk size" in out.stderr
+
+
+def test_statvfs_follows_the_disk(fly, fs, tmp_path):
+    import shutil
+    st = fs.statvfs("/")
+    disk = shutil.disk_usage(tmp_path)
+    size, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+    assert 0 < free <= size
+    # Each node splits its disk's free space among its targets, and capacity is
+    # divided by the replication: exact when every node has its own disk (or, as
+    # with `flyfs up`, replicas == nodes); here 3 co-located nodes with 2 replicas
+    # overstate it by nodes / replicas.
+    overstate = 3 / 2
+    assert free <= disk.free * overstate * 1.05 + (64 << 20)
+    assert free >= disk.free * overstate * 0.8

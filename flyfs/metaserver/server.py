@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 import grpc
 
@@ -320,6 +321,8 @@ class ClusterLink:
         self.storage_ops = ChunkStorageOps(self.storage)
         self.node_id = 0
         self._heartbeat: asyncio.Task | None = None
+        self._space: tuple[int, int] | None = None
+        self._space_at = 0.0
 
     async def chain_table(self) -> ChainTable:
         routing = await self.mgmtd.get_routing_info()
@@ -329,13 +332,19 @@ class ClusterLink:
             return ChainTable(0, ())
 
     async def space(self) -> tuple[int, int]:
-        routing = await self.mgmtd.get_routing_info()
-        total = sum(t.total_bytes for t in routing.targets.values())
-        used = sum(t.used_bytes for t in routing.targets.values())
-        # Every byte is stored `replicas` times: report what a user can write.
-        chains = list(routing.chains.values())
-        replicas = max(1, round(sum(len(c.targets) for c in chains) / len(chains))) if chains else 1
-        return total // replicas, max(0, total - used) // replicas
+        # ListChains is always current (used bytes do not move the routing version);
+        # statfs is frequent, so ask at most every few seconds.
+        now = time.monotonic()
+        if self._space is None or now - self._space_at > 3.0:
+            reply = await self.mgmtd.list_chains()
+            total = sum(t.total_bytes for t in reply.targets)
+            used = sum(t.used_bytes for t in reply.targets)
+            # Every byte is stored `replicas` times: report what a user can write.
+            chains = list(reply.chains)
+            replicas = max(1, round(sum(len(c.targets) for c in chains) / len(chains))) if chains else 1
+            self._space = (total // replicas, max(0, total - used) // replicas)
+            self._space_at = now
+        return self._space
 
     async def register(self, address: str, data_address: str = "") -> None:
         from ..proto import mgmtd_pb2

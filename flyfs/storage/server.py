@@ -422,9 +422,8 @@ class StorageServer:
             await asyncio.to_thread(_write_identity, path,
                                     {"node_id": reply.node_id, "target_id": tid,
                                      "cluster_id": reply.cluster_id})
-            t = Target(path, engine, tid)
-            t.total_bytes = (await asyncio.to_thread(shutil.disk_usage, path)).total
-            self.targets[tid] = t
+            self.targets[tid] = Target(path, engine, tid)
+        await self._refresh_capacity()
         self._pending_targets = []
         # The registration renews nothing: writes wait for the first heartbeat.
         self._lease_ms = reply.lease_ms
@@ -440,7 +439,20 @@ class StorageServer:
             out.append((t.target_id, state, chain_version, t.engine.used_bytes(), t.total_bytes))
         return out
 
+    async def _refresh_capacity(self) -> None:
+        """A target's capacity is what it holds plus what its disk still has free, so
+        the file system's free space (statfs) follows the disk, shared or not."""
+        self._capacity_at = time.monotonic()
+        targets = list(self.targets.values())
+        devices = [(await asyncio.to_thread(os.stat, t.path)).st_dev for t in targets]
+        for t, dev in zip(targets, devices):
+            free = (await asyncio.to_thread(shutil.disk_usage, t.path)).free
+            # Targets of this node on one disk share its free space.
+            t.total_bytes = t.engine.used_bytes() + free // devices.count(dev)
+
     async def _heartbeat_once(self) -> None:
+        if time.monotonic() - getattr(self, "_capacity_at", 0.0) > 5.0:
+            await self._refresh_capacity()
         sent = time.monotonic()
         routing_version = self.routing.version if self.routing else 0
         try:

@@ -98,8 +98,7 @@ class RawFile(io.RawIOBase):
             if not n:
                 break
             self._pos += n
-            del buf[n:]
-            chunks.append(bytes(buf))
+            chunks.append(bytes(buf) if n == len(buf) else bytes(memoryview(buf)[:n]))
             want = 1 << 20  # it grew while we read: keep going until EOF
         return b"".join(chunks)
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import threading
+import time
 from dataclasses import dataclass
 from typing import Awaitable, Iterable, Sequence, TypeVar
 
 __all__ = ["Piece", "chain_of", "split", "by_chain", "chunk_span", "gather_limited", "DataPlane",
-           "storage_error",
+           "storage_error", "ReadAhead",
            "MAX_INFLIGHT"]
 
 T = TypeVar("T")
@@ -163,3 +165,93 @@ class DataPlane:
         except Exception as e:
             first = plan[0]
             raise storage_error(e, f"read of inode {first[0]} at {first[2]}") from None
+
+
+# ---- sequential read-ahead for blocking callers (the FUSE mount) -------------------------------------------
+
+class ReadAhead:
+    """Sequential read-ahead of one open file, for blocking callers (FUSE threads).
+
+    FUSE hands reads over in 128 KiB requests; each sent to storage alone costs
+    a thread hop and a chain round trip. Once reads run sequentially, the next
+    blocks of `block` bytes are fetched in the background (one block ahead at
+    first, doubling with every block the reader enters, up to `depth`: a
+    reader of a few pages does not pull megabytes), and a read that falls
+    inside blocks already fetched is served from them in the caller's thread
+    (no hop, no round trip).
+
+    `fetch(offset, length)` starts a read and returns a concurrent.futures.Future
+    of its bytes (short at end of file). `limit()` is the file length as known
+    now: nothing at or beyond it is fetched ahead. `gen()` changes whenever the
+    file's bytes change through this client (writes, truncates): blocks fetched
+    under another generation are never served. Thread-safe. `read` returns None
+    when it cannot serve the request (not sequential yet, not covered, a fetch
+    failed): the caller then reads directly, which also reports any error.
+    """
+
+    def __init__(self, fetch, limit, gen, *, block: int = 1 << 20, depth: int = 4, max_age: float = 1.0,
+                 timeout: float | None = None):
+        if block <= 0 or depth <= 0:
+            raise ValueError(f"read-ahead needs a positive block and depth, not {block} and {depth}")
+        self._fetch, self._limit, self._gen = fetch, limit, gen
+        self.block, self.depth, self.max_age, self.timeout = block, depth, max_age, timeout
+        self._lock = threading.Lock()
+        self._blocks: dict[int, tuple[int, float, object]] = {}  # index -> (gen, fetched at, future)
+        self._last_end = -1
+        self._ramp = 0      # blocks entered by the current sequential run (window 2**ramp)
+        self._first = -1    # the block the last read started in
+        self.hits = 0
+
+    def read(self, offset: int, size: int) -> bytes | None:
+        """The bytes of [offset, offset + size) from read-ahead blocks, or None."""
+        if size <= 0 or offset < 0:
+            return None
+        B = self.block
+        first, last = offset // B, (offset + size - 1) // B
+        gen, now = self._gen(), time.monotonic()
+        with self._lock:
+            blocks = self._blocks
+            sequential = offset == self._last_end or first in blocks
+            self._last_end = offset + size
+            if not sequential:
+                self._ramp = 0
+                self._first = first
+                return None
+            if first != self._first:
+                self._first = first
+                self._ramp = min(self._ramp + 1, 16)
+            window = min(self.depth, 1 << self._ramp)
+            for k in [k for k, (g, at, _) in blocks.items() if k < first or g != gen or now - at > self.max_age]:
+                del blocks[k]
+            limit = self._limit()
+            for k in range(first, first + max(window, last - first + 1)):
+                start = k * B
+                if start >= limit:
+                    break
+                if k not in blocks:
+                    blocks[k] = (gen, now, self._fetch(start, min(B, limit - start)))
+            wanted = [blocks.get(k) for k in range(first, last + 1)]
+        if any(w is None for w in wanted):
+            return None  # beyond the known end: the caller's read asks for the length
+        parts = []
+        for k, (_, _, fut) in zip(range(first, last + 1), wanted):
+            try:
+                data = fut.result(self.timeout)
+            except Exception:  # (TimeoutError included: the direct read waits, or fails, itself)
+                return None
+            lo = max(offset, k * B) - k * B
+            hi = min(offset + size, (k + 1) * B) - k * B
+            if len(data) < hi:
+                return None  # short block (end of file then): the direct read decides
+            parts.append(memoryview(data)[lo:hi])
+        if self._gen() != gen:
+            return None
+        self.hits += 1
+        return parts[0].tobytes() if len(parts) == 1 else b"".join(parts)
+
+    def clear(self) -> None:
+        """Drop every block (e.g. at close); fetches in flight finish unobserved."""
+        with self._lock:
+            self._blocks.clear()
+            self._last_end = -1
+            self._ramp = 0

@@ -57,7 +57,7 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, BinaryIO, Protocol, runtime_checkable
 
 import numpy as np

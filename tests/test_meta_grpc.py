@@ -81,8 +81,9 @@ async def test_round_trip(served):
     assert await svc.gc_queue() == [f.ino]
 
 
-async def test_errors_arrive_as_oserror(served):
-    svc, c, port = served
+async def errno_scenario(c):
+    """Each error reaches the client as the right OSError subclass with the server's errno
+    (shared by the gRPC and flyfs/net transports)."""
     d = await c.mkdir(ROOT_INO, "d", 0o755)
     await c.mknod(d.ino, "f", stat.S_IFREG | 0o644)
     cases = [
@@ -103,6 +104,12 @@ async def test_errors_arrive_as_oserror(served):
         with pytest.raises(cls) as e:
             await call
         assert e.value.errno == code and e.value.strerror, (code, e.value)
+    return d
+
+
+async def test_errors_arrive_as_oserror(served):
+    svc, c, port = served
+    await errno_scenario(c)
     unreachable = MetaClient("127.0.0.1:1", user=ALICE, retries=0, timeout=5)
     try:
         with pytest.raises(OSError) as e:

@@ -26,6 +26,7 @@ from flyfs.proto import meta_pb2
 from meta_fixtures import ALICE, BOB, ROOT, ROOT_INO, make_service
 # The gRPC suite's scenarios, run here over flyfs/net (names without test_ so
 # pytest does not collect them twice).
+from test_meta_grpc import errno_scenario
 from test_meta_grpc import test_batch as batch_scenario
 from test_meta_grpc import test_round_trip as round_trip_scenario
 
@@ -155,24 +156,7 @@ async def test_a_cancelled_caller_leaves_its_batch(counted):
 
 async def test_errors_arrive_as_oserror(served):
     svc, c, server = served
-    d = await c.mkdir(ROOT_INO, "d", 0o755)
-    await c.mknod(d.ino, "f", stat.S_IFREG | 0o644)
-    cases = [
-        (errno.ENOENT, FileNotFoundError, c.lookup(d.ino, "missing")),
-        (errno.EEXIST, FileExistsError, c.mkdir(ROOT_INO, "d")),
-        (errno.ENOTEMPTY, OSError, c.rmdir(ROOT_INO, "d")),
-        (errno.ENOTDIR, NotADirectoryError, c.readdir((await c.lookup(d.ino, "f")).ino)),
-        (errno.EISDIR, IsADirectoryError, c.unlink(ROOT_INO, "d")),
-        (errno.EINVAL, OSError, c.mkdir(ROOT_INO, "a/b")),
-        (errno.ENAMETOOLONG, OSError, c.create(ROOT_INO, "x" * 256)),
-        (errno.EACCES, PermissionError, c.create(d.ino, "x", user=BOB)),
-        (errno.EPERM, PermissionError, c.setattr(d.ino, mode=0o777, user=BOB)),
-        (errno.ENODATA, OSError, c.getxattr(d.ino, "user.none")),
-    ]
-    for code, cls, call in cases:
-        with pytest.raises(cls) as e:
-            await call
-        assert e.value.errno == code and e.value.strerror, (code, e.value)
+    d = await errno_scenario(c)
     results = await c.batch([("lookup", {"parent": d.ino, "name": "nope"}), ("lookup", {"parent": d.ino, "name": "f"})])
     assert isinstance(results[0], FileNotFoundError) and results[1].is_reg
 

@@ -24,7 +24,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import unquote, urlsplit
 
-from rocksdict import Options, Rdict, WriteBatch, WriteOptions
+from rocksdict import Options, Rdict, ReadOptions, WriteBatch, WriteOptions
 
 from .base import SCAN_BATCH, Engine, Transaction
 from .errors import EngineUnavailable, KVError
@@ -130,7 +130,15 @@ class RocksDBEngine(Engine):
             await asyncio.sleep(0)  # long scans share the loop
 
     def _read_batch(self, lo: bytes, hi: bytes, reverse: bool) -> list[tuple[bytes, bytes]]:
-        it = self._db.iter()
+        # Bound forward scans: without it, a scan that ends before `hi` keeps stepping
+        # over deleted keys (tombstones) beyond the range looking for a live one.
+        # (rocksdict's lower bound misbehaves with seek_for_prev; reverse scans, which
+        # flyfs rarely does, stay unbounded.)
+        ro = None
+        if not reverse:
+            ro = ReadOptions()
+            ro.set_iterate_upper_bound(hi)
+        it = self._db.iter(ro)
         out = []
         if reverse:
             it.seek_for_prev(hi)

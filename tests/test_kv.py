@@ -313,6 +313,24 @@ async def test_rocksdb_reopen_keeps_data(engine_url):
     await e.close()
 
 
+@pytest.mark.parametrize("engine_url", ["rocksdb"], indirect=True)
+async def test_rocksdb_relaxed_commit_is_visible_and_ordered(engine_url):
+    """A commit acknowledged without its own sync is seen at once, and a later
+    durable commit carries it to disk (one write-ahead log, kept in order)."""
+    e = open_engine(engine_url)
+
+    def relaxed(txn):
+        txn.durable = False
+        txn.set(b"relaxed", b"1")
+    await e.transact(relaxed)
+    assert await e.transact(lambda t: t.get(b"relaxed")) == b"1"
+    await put(e, durable="2")
+    await e.close()
+    e = open_engine(engine_url)
+    assert await read_all(e) == [(b"durable", b"2"), (b"relaxed", b"1")]
+    await e.close()
+
+
 CHILD = textwrap.dedent("""
     import asyncio, sys
     from flyfs.kv import open_engine

@@ -73,6 +73,10 @@ class Transaction:
         self._cleared: list[tuple[bytes, bytes]] = []  # ranges cleared by this txn, in order
         self._bytes = 0
         self.read_only = True
+        # False: the commit may be acknowledged before it is on disk. A crash can then
+        # lose it, but never reorder it: any later durable commit makes it durable too
+        # (one write-ahead log). Engines without such a choice (etcd) stay durable.
+        self.durable = True
 
     # ---- reads -------------------------------------------------------------
     def _local(self, key: bytes):

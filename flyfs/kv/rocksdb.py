@@ -6,7 +6,8 @@ version map of recent commits, and validated commits are written by a single
 writer task as one synced WriteBatch per group — many transactions share one
 fdatasync (group commit), which is what lets ~400 synced batches/s carry
 thousands of transactions/s. A commit is acknowledged only after its group is
-durable.
+durable, unless the transaction set `txn.durable = False` (then its group is
+written without a sync when no durable transaction shares it).
 
 Only one process may own a directory: an fcntl lock on DIR/flyfs.owner that
 records the owner's pid and command line; a second opener gets a one-line
@@ -68,8 +69,10 @@ class RocksDBEngine(Engine):
             raise EngineUnavailable(f"cannot open rocksdb://{self.path}: {e}") from None
         self._wopts = WriteOptions()
         self._wopts.sync = True
+        self._wopts_nosync = WriteOptions()
+        self._wopts_nosync.sync = False
         self._tracker = ConflictTracker()
-        self._queue: list[tuple[int, list, asyncio.Future]] = []
+        self._queue: list[tuple[int, list, asyncio.Future, bool]] = []
         self._writer: asyncio.Task | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="flyfs-kv-commit")
         self._closed = False
@@ -167,7 +170,7 @@ class RocksDBEngine(Engine):
         muts = txn.mutations()
         version = self._tracker.record(muts)
         fut = asyncio.get_running_loop().create_future()
-        self._queue.append((version, muts, fut))
+        self._queue.append((version, muts, fut, txn.durable))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.ensure_future(self._write_groups())
         await asyncio.shield(fut)
@@ -177,7 +180,7 @@ class RocksDBEngine(Engine):
         while self._queue:
             group, self._queue = self._queue, []
             wb = WriteBatch(raw_mode=True)
-            for _, muts, _ in group:
+            for _, muts, _, _ in group:
                 for op in muts:
                     if op[0] == "set":
                         wb.put(op[1], op[2])
@@ -187,13 +190,16 @@ class RocksDBEngine(Engine):
                         wb.delete_range(op[1], op[2])
             error = None
             try:
-                await loop.run_in_executor(self._pool, self._db.write, wb, self._wopts)
+                # The group is synced if any of its transactions must be durable; the
+                # WAL keeps order, so a sync also covers the unsynced groups before it.
+                opts = self._wopts if any(g[3] for g in group) else self._wopts_nosync
+                await loop.run_in_executor(self._pool, self._db.write, wb, opts)
             except Exception as e:  # disk full, I/O error: fail this group loudly
                 error = KVError(f"rocksdb://{self.path}: commit failed: {e}")
             # Mark applied even on failure: the writes never happened, so readers
             # that start now correctly see the old values.
             self._tracker.mark_applied(group[-1][0])
-            for _, _, fut in group:
+            for _, _, fut, _ in group:
                 if not fut.done():
                     fut.set_exception(error) if error else fut.set_result(None)
 

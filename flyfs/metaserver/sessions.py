@@ -179,6 +179,11 @@ async def _report(ctx: Ctx, who: Caller, ino: int, session: bytes | None, length
         if (closing and session is not None and n.nlink == 0 and n.is_reg
                 and not await has_sessions(txn, ino)):
             txn.set(s.gc_key(ino), s.encode_i64(now))
+        elif closing and session is not None and n.mode == node.mode:
+            # Ending a session of a linked file needs no sync of its own: if a crash
+            # loses it, the session is still there, expires, and the length comes from
+            # storage as for any writer that died (fsync's report stays durable).
+            txn.durable = False
         return n
 
     return await ctx.transact(fn)

@@ -1600,29 +1600,23 @@ class FileSystem:
 
     def pread(self, path_or_file, buffer, offset: int) -> int:
         """Read into `buffer` at file `offset` (a path or an open flyfs file); returns bytes read."""
-        h = self._handle(path_or_file)
-        if h is not None:
-            return self._run_core("pread_into", h, buffer, offset)
-
-        async def go(core: AsyncFileSystem):
-            hh = await core.open_handle(path_or_file, os.O_RDONLY)
-            try:
-                return await core.pread_into(hh, buffer, offset)
-            finally:
-                await core.close_handle(hh)
-
-        return self._run(go)
+        return self._on_file(path_or_file, os.O_RDONLY, "pread_into", buffer, offset)
 
     def pwrite(self, path_or_file, buffer, offset: int) -> int:
         """Write `buffer` at file `offset` (a path, which must exist, or an open flyfs file)."""
+        return self._on_file(path_or_file, os.O_WRONLY, "pwrite", buffer, offset)
+
+    def _on_file(self, path_or_file, flags: int, op: str, *args):
+        """Run core `op`(handle, *args) on an open flyfs file, or on a path opened
+        with `flags` for the call and closed after it."""
         h = self._handle(path_or_file)
         if h is not None:
-            return self._run_core("pwrite", h, buffer, offset)
+            return self._run_core(op, h, *args)
 
         async def go(core: AsyncFileSystem):
-            hh = await core.open_handle(path_or_file, os.O_WRONLY)
+            hh = await core.open_handle(path_or_file, flags)
             try:
-                return await core.pwrite(hh, buffer, offset)
+                return await getattr(core, op)(hh, *args)
             finally:
                 await core.close_handle(hh)
 

@@ -21,6 +21,18 @@ CS = 256 << 10
 SLOT = 4096
 
 
+async def acked_at_least(ledger, writer: asyncio.Task, count: int) -> None:
+    """Wait until `count` writes are acknowledged; fail if the writers stopped."""
+    while ledger.acked < count:
+        assert not writer.done(), ledger.errors
+        await asyncio.sleep(0.05)
+
+
+async def acked_more(ledger, writer: asyncio.Task, n: int) -> None:
+    """Wait for `n` more acknowledged writes."""
+    await acked_at_least(ledger, writer, ledger.acked + n)
+
+
 class Ledger:
     """Acknowledged writes: chunk -> slot -> bytes. Each writer owns its chunks, so
     the last acknowledged write of a slot is what every replica must hold."""
@@ -117,14 +129,9 @@ async def test_head_killed_during_writes_then_recovers(procs):
     ledger, stop = Ledger(), asyncio.Event()
     w = asyncio.create_task(writers(sc, chain_id, ledger, stop))
     try:
-        while ledger.acked < 50:
-            assert not w.done(), ledger.errors
-            await asyncio.sleep(0.05)
+        await acked_at_least(ledger, w, 50)
         await kill_and_recover(procs, sc, chain_id, "head", ledger)
-        target = ledger.acked + 30
-        while ledger.acked < target:          # writes also flow to the recovered chain
-            assert not w.done(), ledger.errors
-            await asyncio.sleep(0.05)
+        await acked_more(ledger, w, 30)  # writes also flow to the recovered chain
     finally:
         stop.set()
         await w
@@ -142,10 +149,7 @@ async def test_tail_middle_head_killed_in_turn(procs):
     w = asyncio.create_task(writers(sc, chain_id, ledger, stop, n=8))
     try:
         for role in ("tail", "middle", "head"):
-            start = ledger.acked
-            while ledger.acked < start + 100:
-                assert not w.done(), ledger.errors
-                await asyncio.sleep(0.05)
+            await acked_more(ledger, w, 100)
             await kill_and_recover(procs, sc, chain_id, role, ledger)
     finally:
         stop.set()
@@ -167,23 +171,14 @@ async def test_two_nodes_down_then_back(procs):
         serving = readable_targets(info.chains[chain_id])
         victims = [procs.node_of_target(t, info) for t in serving[1:]]
         for v in victims:
-            start = ledger.acked
-            while ledger.acked < start + 50:
-                assert not w.done(), ledger.errors
-                await asyncio.sleep(0.05)
+            await acked_more(ledger, w, 50)
             procs.kill(v)
             await asyncio.sleep(HB)
-        start = ledger.acked
-        while ledger.acked < start + 100:
-            assert not w.done(), ledger.errors
-            await asyncio.sleep(0.05)
+        await acked_more(ledger, w, 100)
         for v in victims:
             await procs.restart(v)
         await procs.wait_all_serving(90)
-        start = ledger.acked
-        while ledger.acked < start + 50:
-            assert not w.done(), ledger.errors
-            await asyncio.sleep(0.05)
+        await acked_more(ledger, w, 50)
     finally:
         stop.set()
         await w
@@ -202,19 +197,14 @@ async def test_whole_chain_killed_and_restarted(procs):
     ledger, stop = Ledger(), asyncio.Event()
     w = asyncio.create_task(writers(sc, chain_id, ledger, stop))
     try:
-        while ledger.acked < 100:
-            assert not w.done(), ledger.errors
-            await asyncio.sleep(0.05)
+        await acked_at_least(ledger, w, 100)
         for n in range(3):
             procs.kill(n)
         await asyncio.sleep(HB + 1)
         for n in range(3):
             await procs.restart(n)
         await procs.wait_all_serving(90)
-        start = ledger.acked
-        while ledger.acked < start + 50:
-            assert not w.done(), ledger.errors
-            await asyncio.sleep(0.05)
+        await acked_more(ledger, w, 50)
     finally:
         stop.set()
         await w

@@ -103,32 +103,33 @@ def random_reads(path: str, offsets: list[int]) -> float:
         os.close(fd)
 
 
+def _timed(names: list[str], phases: dict) -> dict[str, float]:
+    """Seconds each phase (name -> fn(path)) takes over every path, in order."""
+    out = {}
+    for phase, fn in phases.items():
+        t0 = time.perf_counter()
+        for p in names:
+            fn(p)
+        out[phase] = time.perf_counter() - t0
+    return out
+
+
 def small_files(d: str, n: int) -> dict[str, float]:
     os.makedirs(d, exist_ok=True)
     data = os.urandom(4096)
-    names = [os.path.join(d, f"f{i:06d}") for i in range(n)]
-    out = {}
-    t0 = time.perf_counter()
-    for p in names:
+
+    def create_write(p):
         fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         os.write(fd, data)
         os.close(fd)
-    out["create+write"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for p in names:
+
+    def read(p):
         fd = os.open(p, os.O_RDONLY)
         os.read(fd, 8192)
         os.close(fd)
-    out["read"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for p in names:
-        os.stat(p)
-    out["stat"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for p in names:
-        os.unlink(p)
-    out["unlink"] = time.perf_counter() - t0
-    return out
+
+    return _timed([os.path.join(d, f"f{i:06d}") for i in range(n)],
+                  {"create+write": create_write, "read": read, "stat": os.stat, "unlink": os.unlink})
 
 
 # ---- the same through the Python API ----------------------------------------------------------------------
@@ -168,25 +169,9 @@ def api_random(fs, path: str, offsets: list[int]) -> tuple[float, float]:
 def api_small(fs, d: str, n: int) -> dict[str, float]:
     fs.makedirs(d, exist_ok=True)
     data = os.urandom(4096)
-    names = [f"{d}/f{i:06d}" for i in range(n)]
-    out = {}
-    t0 = time.perf_counter()
-    for p in names:
-        fs.write_bytes(p, data)
-    out["create+write"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for p in names:
-        fs.read_bytes(p)
-    out["read"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for p in names:
-        fs.stat(p)
-    out["stat"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for p in names:
-        fs.remove(p)
-    out["unlink"] = time.perf_counter() - t0
-    return out
+    return _timed([f"{d}/f{i:06d}" for i in range(n)],
+                  {"create+write": lambda p: fs.write_bytes(p, data), "read": fs.read_bytes,
+                   "stat": fs.stat, "unlink": fs.remove})
 
 
 # ---- the run ---------------------------------------------------------------------------------------------------

@@ -592,13 +592,59 @@ async def test_async_different_chunks_run_in_parallel(tmp_path):
         assert (await e.read(cid(22, 0), 0, 10))[0] == b"slow"
 
 
+def test_unsynced_writes_wait_for_sync_dirty(tmp_path, monkeypatch):
+    """sync_writes=False: no fdatasync or WAL sync per update; sync_dirty() syncs
+    exactly the files written since the last one, then nothing is dirty."""
+    import flyfs.storage.chunk_engine as ce
+    synced: list[int] = []
+    real = os.fdatasync
+
+    def counting(fd):
+        synced.append(fd)
+        real(fd)
+    monkeypatch.setattr(ce.os, "fdatasync", counting)
+    e = SyncChunkEngine(str(tmp_path / "u"), block_size=BS, max_chunk_size=MAXC, sync_writes=False)
+    try:
+        assert not e.dirty
+        for i in range(3):
+            e.prepare_write(cid(40, i), 0, b"x" * 5000, 1, 1)
+            e.commit(cid(40, i), 1)
+        e.prepare_write(cid(40, 0), 5000, b"y" * 100, 2, 1)   # append: same file again
+        e.commit(cid(40, 0), 2)
+        assert synced == [] and e.dirty
+        assert e.sync_dirty() == 3
+        assert len(synced) == 3 and not e.dirty
+        assert e.sync_dirty() == 0 and len(synced) == 3
+        e.remove([cid(40, 1)])
+        assert e.dirty                                     # the removal awaits a WAL sync
+        e.sync_dirty()
+        assert not e.dirty
+        assert e.read(cid(40, 0), 0, MAXC)[0] == b"x" * 5000 + b"y" * 100
+    finally:
+        e.close()
+    e = SyncChunkEngine(str(tmp_path / "u"), block_size=BS, max_chunk_size=MAXC)
+    try:
+        assert e.get_meta(cid(40, 1)) is None and e.read(cid(40, 2), 0, MAXC)[0] == b"x" * 5000
+    finally:
+        e.close()
+
+
+def test_close_syncs_what_is_dirty(tmp_path):
+    e = SyncChunkEngine(str(tmp_path / "c"), block_size=BS, max_chunk_size=MAXC, sync_writes=False)
+    e.prepare_write(cid(41, 0), 0, b"z" * 100, 1, 1)
+    e.commit(cid(41, 0), 1)
+    assert e.dirty
+    e.close()
+    assert not e.dirty
+
+
 # ------------------------------------------------------------------ crash safety with real processes
 
 CRASH_IDS = [cid(30, i) for i in range(6)]
 CRASH_MAXC = 256 * 1024
 
 
-def child_main(path: str, seed: int, point: str, hits: int) -> None:
+def child_main(path: str, seed: int, point: str, hits: int, sync_writes: bool = True) -> None:
     """Write and commit in a loop, reporting intents (P, r) and acknowledgements (A, R)."""
     count = [0]
 
@@ -610,7 +656,7 @@ def child_main(path: str, seed: int, point: str, hits: int) -> None:
 
     rng = random.Random(seed)
     eng = SyncChunkEngine(path, block_size=BS, max_chunk_size=CRASH_MAXC,
-                          fault_hook=hook if point else None)
+                          fault_hook=hook if point else None, sync_writes=sync_writes)
     models, vers = {}, {}
     for i, c in enumerate(CRASH_IDS):
         meta = eng.get_meta(c)
@@ -671,9 +717,11 @@ def child_main(path: str, seed: int, point: str, hits: int) -> None:
 ABSENT = ("absent",)
 
 
-def run_child(path: str, seed: int, *, point: str = "", hits: int = 0, kill_after: float | None = None):
+def run_child(path: str, seed: int, *, point: str = "", hits: int = 0, kill_after: float | None = None,
+              sync_writes: bool = True):
     """Run one child until it dies by SIGKILL; returns its complete output lines."""
-    argv = [sys.executable, os.path.abspath(__file__), "child", path, str(seed), point, str(hits)]
+    argv = [sys.executable, os.path.abspath(__file__), "child", path, str(seed), point, str(hits),
+            "1" if sync_writes else "0"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     lines: list[str] = []
@@ -747,13 +795,16 @@ def check_after_crash(path: str, lines: list[str], state: dict[int, tuple]) -> N
         eng.close()
 
 
-def test_crash_random_sigkill(tmp_path):
+@pytest.mark.parametrize("sync_writes", [True, False], ids=["synced", "unsynced"])
+def test_crash_random_sigkill(tmp_path, sync_writes):
+    """Without per-update syncs too: a killed process leaves its writes in the kernel."""
     path = str(tmp_path / "crash")
     rng = random.Random(os.getpid())
     state: dict[int, tuple] = {}
     acked = 0
     for run in range(5):
-        lines = run_child(path, rng.randrange(1 << 30), kill_after=rng.uniform(0.05, 0.8))
+        lines = run_child(path, rng.randrange(1 << 30), kill_after=rng.uniform(0.05, 0.8),
+                          sync_writes=sync_writes)
         acked += sum(ln.startswith("A ") for ln in lines)
         check_after_crash(path, lines, state)
     assert acked >= 5, "the children made too little progress to test anything"
@@ -761,12 +812,14 @@ def test_crash_random_sigkill(tmp_path):
 
 @pytest.mark.parametrize("point", ["prepare.written", "prepare.synced", "prepare.stored",
                                    "commit.before", "commit.synced", "install.before", "remove.synced"])
-def test_crash_at_each_step(tmp_path, point):
+@pytest.mark.parametrize("sync_writes", [True, False], ids=["synced", "unsynced"])
+def test_crash_at_each_step(tmp_path, point, sync_writes):
     path = str(tmp_path / "crash")
     state: dict[int, tuple] = {}
     rng = random.Random(point)
     for run in range(2):
-        lines = run_child(path, rng.randrange(1 << 30), point=point, hits=rng.randrange(1, 15))
+        lines = run_child(path, rng.randrange(1 << 30), point=point, hits=rng.randrange(1, 15),
+                          sync_writes=sync_writes)
         check_after_crash(path, lines, state)
 
 
@@ -900,4 +953,5 @@ async def test_benchmark_async_parallel_writes(tmp_path):
 if __name__ == "__main__":
     if len(sys.argv) >= 2 and sys.argv[1] == "child":
         child_main(sys.argv[2], int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else "",
-                   int(sys.argv[5]) if len(sys.argv) > 5 else 0)
+                   int(sys.argv[5]) if len(sys.argv) > 5 else 0,
+                   sys.argv[6] != "0" if len(sys.argv) > 6 else True)

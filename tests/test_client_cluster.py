@@ -147,3 +147,34 @@ def test_reads_fail_over_when_a_storage_node_stops(tmp_path):
             f.close()
     finally:
         c.stop()
+
+
+# ---- fsync -----------------------------------------------------------------------------------------------
+
+def test_fsync_makes_the_file_durable_on_every_replica(fly, fs):
+    """Storage acknowledges writes from memory; fsync() flushes the file's chains on every
+    replica before it returns (the background flush runs only every few seconds)."""
+    core = fs._core()
+    flushed: list[tuple] = []
+    real = core._s.data.storage.flush
+
+    async def spy(chain_ids):
+        flushed.append(tuple(chain_ids))
+        return await real(chain_ids)
+    core._s.data.storage.flush = spy
+    data = os.urandom(3 * CHUNK)
+    try:
+        with fs.open("/fsync-me.bin", "wb", buffering=0) as f:
+            f.write(data)
+            chains = set(f.handle.layout.chains)
+            assert flushed == []                     # writes alone flush nothing
+            f.fsync()
+    finally:
+        core._s.data.storage.flush = real
+    assert len(flushed) == 1 and set(flushed[0]) == chains and len(chains) == STRIPE
+    info = fly.run(fly.storage.routing())
+    tids = {t for c in chains for t, _ in info.chains[c].targets}
+    dirty = [tid for n in fly.storage.nodes for tid, t in n.server.targets.items()
+             if tid in tids and t.engine.sync.dirty]
+    assert dirty == [], f"targets still unsynced after fsync: {dirty}"
+    assert fs.read_bytes("/fsync-me.bin") == data

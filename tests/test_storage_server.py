@@ -94,6 +94,35 @@ async def test_replication_64mib_every_replica_identical(cluster):
         assert n == len(data) and bufs[k][:n] == data and not any(bufs[k][n:])
 
 
+async def test_flush_syncs_every_replica_of_the_chains(tmp_path):
+    """Updates are acknowledged unsynced; a flush (a file's fsync) syncs them on every
+    replica of the chains named, and only those."""
+    from flyfs.storage.server import StorageConfig
+    cfg = StorageConfig(update_retry=15.0, forward_timeout=20.0, flush_interval=0)
+    async with StorageCluster(tmp_path, nodes=3, targets_per_node=2, replication=3, config=cfg) as c:
+        sc = c.client()
+        info = await c.routing()
+        chains = [info.chains[x] for x in info.table(1)]
+        assert len(chains) == 2
+        for i in range(4):
+            await sc.write(chains[0].chain_id, 77, i, 0, os.urandom(100_000), chunk_size=CS)
+        await sc.write(chains[1].chain_id, 78, 0, 0, b"other chain", chunk_size=CS)
+
+        def dirty_targets(chain):
+            tids = {t for t, _ in chain.targets}
+            return [t for n in c.nodes for tid, t in n.server.targets.items()
+                    if tid in tids and t.engine.sync.dirty]
+
+        assert len(dirty_targets(chains[0])) == 3 and len(dirty_targets(chains[1])) == 3
+        assert await sc.flush([chains[0].chain_id]) == 3 * 4     # 4 chunk files on each of 3 replicas
+        assert dirty_targets(chains[0]) == [] and len(dirty_targets(chains[1])) == 3
+        assert await sc.flush([chains[0].chain_id]) == 0
+        reply, _ = await call(c.nodes[0].address, S.STORAGE_FLUSH, S.FlushRequest(), reply_cls=S.FlushReply)
+        assert reply.status.code == SC.OK and reply.files_synced == 1   # empty list: every target
+        assert await sc.flush([chains[1].chain_id]) == 2
+        assert dirty_targets(chains[1]) == []
+
+
 async def test_overwrites_truncate_remove_and_query(cluster):
     sc = cluster.client()
     info = await cluster.routing()

@@ -1046,11 +1046,17 @@ class AsyncFileSystem:
             raise failure
 
     async def fsync(self, h: Handle, datasync: bool = False) -> None:
-        """Make the file's data durable (it is, once a write returns) and report its length."""
+        """Write out what is buffered, make the file's data durable on the disks of
+        every replica, and report its length."""
         self._check_open(h)
-        if h.session is None:
-            return
-        await self._report(h, renew_only=False)
+        if h.session is not None:
+            await self.drain(h)
+        try:  # also for a read-only handle: fsync(2) syncs the file, whoever wrote it
+            await self._s.data.flush(h.ino, h.layout)
+        except OSError as e:
+            raise _with_path(e, h.path) from None
+        if h.session is not None:
+            await self._report(h, renew_only=False)
 
     async def _report(self, h: Handle, renew_only: bool, background: bool = False) -> None:
         """Report the length (and that we wrote) on the handle's write session, or only

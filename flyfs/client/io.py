@@ -144,6 +144,15 @@ class DataPlane:
         except Exception as e:
             raise storage_error(e, f"write of inode {ino} at {offset}") from None
 
+    async def flush(self, ino: int, layout) -> None:
+        """Make every acknowledged write of the file durable on its replicas' disks."""
+        try:
+            await self.storage.flush(layout.chains[:layout.stripe])
+        except (OSError, asyncio.CancelledError):
+            raise
+        except Exception as e:
+            raise storage_error(e, f"fsync of inode {ino}") from None
+
     async def read(self, ino: int, layout, offset: int, buf: memoryview) -> None:
         """Fill `buf` with the file's bytes from `offset` (holes and gaps read as zeros)."""
         await self.read_many([(ino, layout, offset, buf)])

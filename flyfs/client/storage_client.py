@@ -38,7 +38,7 @@ from typing import Any, Sequence
 from crc32c import crc32c
 
 from flyfs import net
-from flyfs.cluster.chain_state import Chain, head, readable_targets
+from flyfs.cluster.chain_state import Chain, PublicState, head, readable_targets
 from flyfs.cluster.mgmtd_client import MgmtdClient, MgmtdError, RoutingInfo
 from flyfs.proto import common_pb2 as SC
 from flyfs.proto import storage_pb2 as S
@@ -50,6 +50,11 @@ log = logging.getLogger("flyfs.client.storage")
 
 _RETRY_UPDATE = {SC.STALE_ROUTING, SC.NOT_HEAD, SC.NOT_SERVING, SC.BUSY, SC.INTERNAL}
 _MAX_PIECES = 1024
+
+
+# Replicas that hold acknowledged writes: a flush reaches each of them.
+_HOLDS_WRITES = (PublicState.SERVING, PublicState.LASTSRV, PublicState.SYNCING)
+FLUSH_TIMEOUT = 120.0  # syncing a node's unsynced writes can take a while on a slow disk
 
 
 class StorageClientError(Exception):
@@ -292,6 +297,34 @@ class StorageClient:
             total += reply.removed
             if not reply.more:
                 return total
+
+    async def flush(self, chain_ids) -> int:
+        """Make every update acknowledged on these chains durable on the disks of every
+        replica holding it (a file's fsync). Returns how many chunk files were synced."""
+        want = sorted(set(chain_ids))
+        if not want:
+            return 0
+
+        async def attempt(routing: RoutingInfo) -> int:
+            by_node: dict[str, list[int]] = {}
+            for cid in want:
+                for tid, state in self._chain(routing, cid).targets:
+                    if state in _HOLDS_WRITES:
+                        by_node.setdefault(self._address(routing, tid), []).append(cid)
+
+            async def one(addr: str, chains: list[int]) -> int:
+                req = S.FlushRequest(header=self._header(), chain_ids=chains)
+                rep = await self.pool.call(addr, S.STORAGE_FLUSH, req.SerializeToString(),
+                                           timeout=max(self.timeout, FLUSH_TIMEOUT))
+                reply = S.FlushReply.FromString(rep.header)
+                if reply.status.code != SC.OK:
+                    raise StorageClientError(reply.status.code, f"flush of chains {chains} on {addr}: "
+                                             f"{reply.status.message}")
+                return reply.files_synced
+
+            return sum(await asyncio.gather(*(one(a, c) for a, c in by_node.items())))
+
+        return await self._retrying(f"flush of chains {want}", attempt)
 
     # ----------------------------------------------------------------- queries
 

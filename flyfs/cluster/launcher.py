@@ -78,7 +78,8 @@ class LocalCluster:
 
     def __init__(self, data_dir: str, storage_nodes: int = 3, targets_per_node: int = 2,
                  replicas: int = 3, chunk_size: int = 4 << 20, kv: str = "rocksdb",
-                 mount: str | None = None, host: str = "127.0.0.1", heartbeat_timeout: float | None = None):
+                 mount: str | None = None, host: str = "127.0.0.1", heartbeat_timeout: float | None = None,
+                 sync_writes: bool = False):
         if replicas > storage_nodes:
             raise ValueError(f"--replicas {replicas} needs at least {replicas} storage nodes, got {storage_nodes}")
         if storage_nodes < 1 or targets_per_node < 1 or replicas < 1:
@@ -92,6 +93,7 @@ class LocalCluster:
         self.mount = os.path.abspath(mount) if mount else None
         self.host = host
         self.heartbeat_timeout = heartbeat_timeout
+        self.sync_writes = sync_writes
         self.daemons: dict[str, Daemon] = {}
         self.ports: dict[str, int] = {}
 
@@ -146,7 +148,8 @@ class LocalCluster:
                 os.makedirs(d, exist_ok=True)
             name = f"storage-{i}"
             s = self._daemon(name, ["storage", "--mgmtd", self.mgmtd_address, "--data", ",".join(dirs),
-                                    "--listen", f"{self.host}:{self.ports[name]}"])
+                                    "--listen", f"{self.host}:{self.ports[name]}"]
+                              + (["--sync-writes"] if self.sync_writes else []))
             wait_port(self.host, self.ports[name], _left(deadline), s)
         self._ensure_chains(deadline)
         meta = self._daemon("meta", ["meta", "--kv", self._kv_url("meta"), "--mgmtd", self.mgmtd_address,
@@ -267,13 +270,17 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--mount", default=None, help="mount point (default: DATA_DIR/../mnt)")
     g.add_argument("--no-mount", action="store_true")
     ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--sync-writes", action="store_true",
+                    help="storage fdatasyncs every update before acknowledging it (default: replicas "
+                         "hold it in memory, disks are synced every 5 s and on fsync, as 3FS does)")
     ap.add_argument("--heartbeat-timeout", type=float, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     mount = None if args.no_mount else (args.mount or os.path.join(os.path.dirname(
         os.path.abspath(args.data_dir)), "mnt"))
     try:
         cluster = LocalCluster(args.data_dir, args.storage_nodes, args.targets_per_node, args.replicas,
-                               args.chunk_size, args.kv, mount, args.host, args.heartbeat_timeout)
+                               args.chunk_size, args.kv, mount, args.host, args.heartbeat_timeout,
+                               sync_writes=args.sync_writes)
     except ValueError as e:
         print(f"flyfs up: {e}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ Client::
 Transports: tcp (here), shm and rdma later behind the same interface.
 Errors: TransportError and its subclasses RequestTimeout, ProtocolError, RemoteError.
 """
+from .buffers import BufferPool
 from .frame import (MAX_HEADER, MAX_PAYLOAD, ProtocolError, RemoteError, Reply, Request,
                     RequestTimeout, Response, TransportError)
 from .pool import ConnectionPool, parse_address
@@ -22,7 +23,7 @@ from .rdma import rdma_available
 from .tcp import Server, serve
 
 __all__ = [
-    "serve", "Server", "ConnectionPool", "Request", "Response", "Reply",
+    "serve", "Server", "ConnectionPool", "BufferPool", "Request", "Response", "Reply",
     "TransportError", "RequestTimeout", "ProtocolError", "RemoteError",
     "MAX_HEADER", "MAX_PAYLOAD", "parse_address", "rdma_available",
 ]

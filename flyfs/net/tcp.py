@@ -18,6 +18,7 @@ import socket
 import sys
 from typing import Awaitable, Callable
 
+from .buffers import BufferPool
 from .frame import (FLAG_ERROR, FLAG_RESPONSE, HEADER, MAGIC, MAX_HEADER, MAX_PAYLOAD,
                     VERSION, FrameHeader, FrameReader, ProtocolError, RemoteError, Reply,
                     Request, RequestTimeout, Response, TransportError, payload_views,
@@ -239,7 +240,8 @@ class _ServerConnection(_Connection):
         if fh.flags:
             raise ProtocolError(f"request frame with flags {fh.flags:#04x}")
         if fh.payload_len:
-            self._payload = bytearray(fh.payload_len)
+            buffers = self._server.buffers
+            self._payload = bytearray(fh.payload_len) if buffers is None else buffers.get(fh.payload_len)
             return [memoryview(self._payload)]
         return None
 
@@ -300,8 +302,10 @@ class Server:
     """A listening data-plane server; `address` is 'tcp://host:port'."""
 
     def __init__(self, handler: Handler, *, max_header: int = MAX_HEADER,
-                 max_payload: int = MAX_PAYLOAD, max_inflight: int = _DEFAULT_MAX_INFLIGHT):
+                 max_payload: int = MAX_PAYLOAD, max_inflight: int = _DEFAULT_MAX_INFLIGHT,
+                 buffers: BufferPool | None = None):
         self.handler = handler
+        self.buffers = buffers  # request payloads come from here (default: a fresh bytearray each)
         self.max_header = max_header
         self.max_payload = max_payload
         self.max_inflight = max_inflight
@@ -351,16 +355,19 @@ class Server:
 
 async def serve(handler: Handler, host: str = "127.0.0.1", port: int = 0, *,
                 max_header: int = MAX_HEADER, max_payload: int = MAX_PAYLOAD,
-                max_inflight: int = _DEFAULT_MAX_INFLIGHT, backlog: int = 1024) -> Server:
+                max_inflight: int = _DEFAULT_MAX_INFLIGHT, backlog: int = 1024,
+                buffers: BufferPool | None = None) -> Server:
     """Listen on host:port (0 picks a free port) and serve `handler` for every request.
 
     Requests on a connection run concurrently (at most max_inflight at once,
     then reading pauses); a handler exception becomes a RemoteError at the
     caller. A connection sending a bad or oversized frame is dropped alone.
+    With `buffers`, request payloads are taken from that pool (a handler's
+    payload memoryview stays valid for as long as anything references it).
     """
     loop = asyncio.get_running_loop()
     server = Server(handler, max_header=max_header, max_payload=max_payload,
-                    max_inflight=max_inflight)
+                    max_inflight=max_inflight, buffers=buffers)
     server._server = await loop.create_server(
         lambda: _ServerConnection(server), host, port, backlog=backlog, reuse_address=True)
     sockname = server._server.sockets[0].getsockname()

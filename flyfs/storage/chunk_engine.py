@@ -39,11 +39,19 @@ every recorded version intact. A new pending version is therefore stored:
   nothing. Measured cost is in the benchmark test; the 3FS workload (sequential
   writes of whole chunks) takes the first two paths.
 
-Durability order: data is written with ``pwrite``/``copy_file_range`` and made
-durable with ``fdatasync`` (plus an fsync of the directory for a new file)
-*before* the metadata names it; commit, install and remove are one metadata
-write made durable before they return; superseded files are unlinked only
-after. Files that no metadata names (left by a crash) are removed at open, and
+Durability has two modes. With ``sync_writes=True`` data is written with
+``pwrite``/``copy_file_range`` and made durable with ``fdatasync`` (plus an
+fsync of the directory for a new file) *before* the metadata names it; commit,
+install and remove are one metadata write made durable before they return;
+superseded files are unlinked only after. With ``sync_writes=False`` (how 3FS
+runs: replication across nodes is the durability, disks are synced in the
+background and on demand) the same writes happen in the same order but nobody
+waits for the disk: every step is in the kernel when the call returns, so a
+``kill -9`` of the daemon loses nothing, and ``sync_dirty()`` makes everything
+written so far durable against power loss (the daemon calls it periodically and
+when a client fsyncs a file). Should a power loss keep metadata whose data did
+not reach the disk, the block checksums catch it on read (an error, never
+data) and the chain's other replicas serve and resync it. Files that no metadata names (left by a crash) are removed at open, and
 a pending version whose file is gone is dropped. A metadata write is a plain
 rocksdict ``put``/``write`` followed by ``flush_wal(sync=True)``: a synced put
 holds the GIL during its fsync (it would stall the event loop), flush_wal
@@ -486,13 +494,19 @@ class SyncChunkEngine:
 
     def __init__(self, path: str, *, max_chunk_size: int = DEFAULT_MAX_CHUNK_SIZE,
                  block_size: int = DEFAULT_BLOCK_SIZE,
-                 fault_hook: Callable[[str], None] | None = None):
+                 fault_hook: Callable[[str], None] | None = None, sync_writes: bool = True):
         _check_int("max_chunk_size", max_chunk_size, 1)
         if block_size & (block_size - 1) or not 4 * KiB <= block_size <= 64 * MiB:
             raise InvalidArgument(f"block_size must be a power of two in 4 KiB..64 MiB, got {block_size}")
         self.path = os.path.abspath(path)
         self.max_chunk_size = max_chunk_size
+        self.sync_writes = bool(sync_writes)
         self._fault = fault_hook
+        # sync_writes=False: files and directories written since the last sync_dirty()
+        self._dirty_files: set[str] = set()
+        self._dirty_dirs: set[str] = set()
+        self._dirty_meta = False
+        self._sync_mu = threading.Lock()  # one sync_dirty() at a time
         os.makedirs(self.path, exist_ok=True)
         self._lock_fd: int | None = _take_lock(self.path)
         self._db: Rdict | None = None
@@ -543,7 +557,13 @@ class SyncChunkEngine:
 
     def close(self) -> None:
         """Close the metadata store and release the directory lock (idempotent).
-        No other thread may be inside the engine (the async facade waits for them)."""
+        No other thread may be inside the engine (the async facade waits for them).
+        Whatever awaits ``sync_dirty()`` is synced first."""
+        if self._db is not None and self.dirty:
+            try:
+                self.sync_dirty()
+            except OSError as e:
+                log.error("target %s: syncing before close failed: %s", self.path, e)
         self._release()
 
     @property
@@ -589,7 +609,63 @@ class SyncChunkEngine:
         else:
             db.put(key, _encode(c, p), _NO_SYNC)
         if sync:
+            self._sync_meta(db)
+
+    def _sync_meta(self, db: Rdict) -> None:
+        if self.sync_writes:
             db.flush_wal(True)  # releases the GIL, unlike a put with sync=True
+        else:
+            self._dirty_meta = True
+
+    def _data_written(self, fd: int, path: str, new_file: bool) -> None:
+        """Written data of ``path`` (open as ``fd``): durable now, or remembered for sync_dirty()."""
+        if self.sync_writes:
+            os.fdatasync(fd)
+            if new_file:
+                _fsync_dir(os.path.dirname(path))
+            return
+        with self._mu:
+            self._dirty_files.add(path)
+            if new_file:
+                self._dirty_dirs.add(os.path.dirname(path))
+
+    def sync_dirty(self) -> int:
+        """Make every update made so far durable (fdatasync the chunk files written,
+        fsync their directories, sync the metadata WAL); returns how many files were
+        synced. A no-op with ``sync_writes=True``, where every update is durable on return."""
+        with self._sync_mu:
+            with self._mu:
+                files, self._dirty_files = self._dirty_files, set()
+                dirs, self._dirty_dirs = self._dirty_dirs, set()
+                meta, self._dirty_meta = self._dirty_meta, False
+            n = 0
+            try:
+                for path in sorted(files):
+                    try:
+                        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                    except FileNotFoundError:
+                        continue  # superseded or removed since: nothing of it to keep
+                    try:
+                        os.fdatasync(fd)
+                        n += 1
+                    finally:
+                        os.close(fd)
+                for d in sorted(dirs):
+                    _fsync_dir(d)
+                if meta or files:
+                    self._check_open().flush_wal(True)
+            except BaseException:
+                with self._mu:  # not synced: try again next time
+                    self._dirty_files |= files
+                    self._dirty_dirs |= dirs
+                    self._dirty_meta = self._dirty_meta or meta
+                raise
+            return n
+
+    @property
+    def dirty(self) -> bool:
+        """Whether anything awaits sync_dirty()."""
+        return bool(self._dirty_files or self._dirty_dirs or self._dirty_meta)
 
     def _unlink(self, chunk_id: bytes, seq: int) -> None:
         try:
@@ -813,7 +889,7 @@ class SyncChunkEngine:
             if os.fstat(fd).st_size < plan.new_len:
                 os.ftruncate(fd, plan.new_len)
             self._fp("prepare.written")
-            os.fdatasync(fd)
+            self._data_written(fd, self._file(cid, base.seq), new_file=False)
         finally:
             os.close(fd)
 
@@ -829,8 +905,7 @@ class SyncChunkEngine:
                     _copy_range(base_fd, fd, s, e - s)
             os.ftruncate(fd, plan.new_len)
             self._fp("prepare.written")
-            os.fdatasync(fd)
-            _fsync_dir(os.path.dirname(path))
+            self._data_written(fd, path, new_file=True)
         except BaseException:
             os.close(fd)
             fd = -1
@@ -841,7 +916,8 @@ class SyncChunkEngine:
                 os.close(fd)
 
     def commit(self, chunk_id: bytes, update_ver: int, chain_ver: int | None = None) -> ChunkMeta:
-        """Make pending version ``update_ver`` the committed one (durable on return).
+        """Make pending version ``update_ver`` the committed one (durable on return with
+        ``sync_writes``; in the kernel otherwise).
 
         Committing an already committed version returns the current meta.
         ``chain_ver``, when given, becomes the chunk's chain version."""
@@ -892,7 +968,7 @@ class SyncChunkEngine:
     def install(self, chunk_id: bytes, data, meta: ChunkMeta) -> ChunkMeta:
         """Resync: replace whatever this target holds for the chunk by ``data`` as the
         committed version ``meta.commit_ver`` (chain version, length and crc from
-        ``meta``, which is checked against ``data``). Durable on return."""
+        ``meta``, which is checked against ``data``). Durable on return with ``sync_writes``."""
         cid = _check_id(chunk_id)
         mv = _as_view(data)
         if not isinstance(meta, ChunkMeta):
@@ -928,7 +1004,7 @@ class SyncChunkEngine:
             return _meta(cid, new, None)
 
     def remove(self, chunk_ids: Iterable[bytes]) -> int:
-        """Remove chunks (all versions), durably; returns how many existed."""
+        """Remove chunks (all versions); returns how many existed."""
         cids = sorted({_check_id(x) for x in chunk_ids})
         with contextlib.ExitStack() as stack:
             for cid in cids:
@@ -944,7 +1020,7 @@ class SyncChunkEngine:
                 return 0
             db = self._check_open()
             db.write(batch, _NO_SYNC)
-            db.flush_wal(True)
+            self._sync_meta(db)
             self._fp("remove.synced")
             for cid, c, p in found:
                 for seq in {r.seq for r in (c, p) if r is not None}:
@@ -1236,6 +1312,10 @@ class ChunkEngine:
 
     def used_bytes(self) -> int:
         return self.sync.used_bytes()
+
+    async def sync_dirty(self) -> int:
+        """See ``SyncChunkEngine.sync_dirty`` (runs in the engine's pool)."""
+        return await self._run(self.sync.sync_dirty)
 
     async def close(self) -> None:
         """Wait for running operations, then close the target (idempotent)."""

@@ -84,6 +84,11 @@ class StorageConfig:
     max_chunk_size: int | None = None  # per-target engine limit (default: the engine's)
     mgmtd_timeout: float = 2.0
     mgmtd_retry_timeout: float = 5.0
+    # False (as 3FS runs): an update is acknowledged once every replica has it in
+    # the kernel; disks are synced every flush_interval and on a client's fsync
+    # (STORAGE_FLUSH). True: every update is fdatasync'd before it is acknowledged.
+    sync_writes: bool = False
+    flush_interval: float = 5.0
 
 
 class StatusError(Exception):
@@ -158,38 +163,6 @@ class PhaseTimes:
         cpu = os.times()
         phases = {k: {"count": n, "seconds": round(t, 6)} for k, (n, t) in sorted(self.phases.items())}
         return {"phases": phases, "cpu_user_s": cpu.user, "cpu_system_s": cpu.system}
-
-
-class _ReadBuffers:
-    """Reply buffers for batch reads, reused once the transport has sent them.
-
-    A reply goes out as a numpy view of a pooled buffer; when the transport
-    drops its last reference to the view (the bytes are on the wire), a
-    finalizer puts the buffer back. Reuse avoids allocating and faulting in
-    megabytes of fresh memory for every read.
-    """
-
-    def __init__(self, max_pooled: int = 256 << 20):
-        self.max_pooled = max_pooled
-        self._free: dict[int, list] = {}
-        self._pooled = 0
-
-    def get(self, n: int):
-        size = max(64 << 10, 1 << max(n - 1, 1).bit_length())
-        free = self._free.get(size)
-        if free:
-            base = free.pop()
-            self._pooled -= size
-        else:
-            base = np.empty(size, np.uint8)
-        view = base[:n]
-        weakref.finalize(view, self._put, base)
-        return view
-
-    def _put(self, base) -> None:
-        if self._pooled + base.nbytes <= self.max_pooled:
-            self._free.setdefault(base.nbytes, []).append(base)
-            self._pooled += base.nbytes
 
 
 class Target:
@@ -269,7 +242,8 @@ class StorageServer:
         self.routing: RoutingInfo | None = None
         self._server: net.Server | None = None
         self._locks = _KeyedLocks()
-        self._read_buffers = _ReadBuffers()
+        # Payloads received and batch-read replies: reused buffers (see net.BufferPool).
+        self._buffers = net.BufferPool()
         self.phases = PhaseTimes()
         self._tasks: set[asyncio.Task] = set()
         self._hb_task: asyncio.Task | None = None
@@ -291,6 +265,7 @@ class StorageServer:
             S.STORAGE_SYNC_INSTALL: (S.SyncInstallRequest, S.SyncInstallReply, self._on_sync_install),
             S.STORAGE_SYNC_REMOVE: (S.SyncRemoveRequest, S.SyncRemoveReply, self._on_sync_remove),
             S.STORAGE_SYNC_DONE: (S.SyncDoneRequest, S.SyncDoneReply, self._on_sync_done),
+            S.STORAGE_FLUSH: (S.FlushRequest, S.FlushReply, self._on_flush),
         }
 
     # ----------------------------------------------------------------- lifecycle
@@ -310,11 +285,14 @@ class StorageServer:
         self._hb_wakeup = asyncio.Event()
         try:
             await self._open_targets()
-            self._server = await net.serve(self._handle, self._listen_host, self._listen_port)
+            self._server = await net.serve(self._handle, self._listen_host, self._listen_port,
+                                           buffers=self._buffers)
             await self._register()
             await self._refresh_routing(force=True)
             await self._heartbeat_once()
             self._hb_task = self._spawn(self._heartbeat_loop(), "heartbeat")
+            if not self.config.sync_writes and self.config.flush_interval > 0:
+                self._spawn(self._flush_loop(), "flush")
         except BaseException:
             await self.stop()
             raise
@@ -391,7 +369,7 @@ class StorageServer:
         if len(node_ids) > 1:
             raise ValueError(f"data directories belong to different storage nodes {sorted(node_ids)}")
         self.node_id = node_ids.pop() if node_ids else 0
-        kw = {}
+        kw = {"sync_writes": self.config.sync_writes}
         if self.config.max_chunk_size:
             kw["max_chunk_size"] = self.config.max_chunk_size
         self._pending_targets = []
@@ -491,6 +469,23 @@ class StorageServer:
                 raise
             except Exception as e:
                 log.warning("heartbeat failed: %s (lease left %.2fs)", e, self.lease.remaining())
+
+    async def _flush_loop(self) -> None:
+        """Sync what the targets wrote without syncing, every flush_interval."""
+        while True:
+            await asyncio.sleep(self.config.flush_interval)
+            try:
+                await self.flush_targets(list(self.targets.values()))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.error("background flush failed: %s", e)
+
+    async def flush_targets(self, targets: list[Target]) -> tuple[int, int]:
+        """Sync the given targets' unsynced updates; returns (targets flushed, files synced)."""
+        dirty = [t for t in targets if t.engine.sync.dirty]
+        counts = await asyncio.gather(*(t.engine.sync_dirty() for t in dirty))
+        return len(dirty), sum(counts)
 
     async def _refresh_routing(self, force: bool = False) -> None:
         """Fetch routing info newer than the moment of this call. Callers share one
@@ -1065,7 +1060,7 @@ class StorageServer:
         if total > limit:
             raise StatusError(SC.INVALID_ARGUMENT, f"batch read of {total} bytes exceeds the "
                               f"{limit}-byte reply limit; split it")
-        buf = self._read_buffers.get(total)
+        buf = self._buffers.get(total)
         offsets = craq.slot_offsets(lengths)
         results: list[S.ReadResult | None] = [None] * len(pieces)
 
@@ -1120,6 +1115,12 @@ class StorageServer:
         cid, length = found
         _, index = craq.parse_chunk_id(cid)
         return S.QueryLastChunkReply(found=True, index=index, length=length), ()
+
+    async def _on_flush(self, msg: S.FlushRequest, payload: memoryview):
+        wanted = set(msg.chain_ids)
+        targets = [t for t in self.targets.values() if not wanted or t.chain_id in wanted]
+        n, files = await self.flush_targets(targets)
+        return S.FlushReply(targets_flushed=n, files_synced=files), ()
 
     async def _on_dump(self, msg: S.DumpChunkMetaRequest, payload: memoryview):
         target = self.targets.get(msg.target_id)
@@ -1206,12 +1207,22 @@ def _parser() -> argparse.ArgumentParser:
                    help="largest chunk a target accepts, bytes (default: the engine's 64 MiB)")
     p.add_argument("--engine-workers", type=int, default=int(env("FLYFS_STORAGE_ENGINE_WORKERS", "8")),
                    help="disk I/O threads per target (env FLYFS_STORAGE_ENGINE_WORKERS; default %(default)s)")
+    p.add_argument("--sync-writes", action=argparse.BooleanOptionalAction,
+                   default=env("FLYFS_STORAGE_SYNC_WRITES", "0") not in ("0", "", "no", "false"),
+                   help="fdatasync every update before acknowledging it (env FLYFS_STORAGE_SYNC_WRITES; "
+                        "default: no: replicas hold updates in the kernel, disks are synced every "
+                        "--flush-interval and when a client fsyncs)")
+    p.add_argument("--flush-interval", type=float, default=float(env("FLYFS_STORAGE_FLUSH_INTERVAL", "5")),
+                   help="seconds between background syncs of unsynced updates (default %(default)s)")
     p.add_argument("--log-level", default=env("FLYFS_LOG_LEVEL", "INFO"))
     return p
 
 
 async def _serve(args) -> None:
-    config = StorageConfig(max_chunk_size=args.max_chunk_size, engine_workers=args.engine_workers)
+    if args.flush_interval < 0:
+        raise ValueError(f"--flush-interval must be >= 0, got {args.flush_interval}")
+    config = StorageConfig(max_chunk_size=args.max_chunk_size, engine_workers=args.engine_workers,
+                           sync_writes=args.sync_writes, flush_interval=args.flush_interval)
     dirs = [d for d in args.data.split(",") if d.strip()]
     for d in dirs:
         os.makedirs(d, exist_ok=True)

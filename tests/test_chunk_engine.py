@@ -6,6 +6,7 @@ test's child process.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import random
 import signal
@@ -625,6 +626,82 @@ def test_unsynced_writes_wait_for_sync_dirty(tmp_path, monkeypatch):
     e = SyncChunkEngine(str(tmp_path / "u"), block_size=BS, max_chunk_size=MAXC)
     try:
         assert e.get_meta(cid(40, 1)) is None and e.read(cid(40, 2), 0, MAXC)[0] == b"x" * 5000
+    finally:
+        e.close()
+
+
+@pytest.mark.parametrize("aligned_buffer", [True, False], ids=["aligned", "bounced"])
+def test_large_writes_go_direct_and_read_back(tmp_path, monkeypatch, aligned_buffer):
+    """Runs of whole aligned blocks >= 64 KiB are written with O_DIRECT (from the buffer
+    itself when it is aligned, else through a bounce buffer), the partial blocks at the
+    ends through the page cache; appends, overwrites (copy) and reopen all read back."""
+    import mmap
+    import flyfs.storage.chunk_engine as ce
+    direct_opens = []
+    real_open = os.open
+
+    def spy(path, flags, *a):
+        if flags & os.O_DIRECT:
+            direct_opens.append(path)
+        return real_open(path, flags, *a)
+    monkeypatch.setattr(ce.os, "open", spy)
+    maxc = 4 << 20
+    e = SyncChunkEngine(str(tmp_path / "d"), block_size=BS, max_chunk_size=maxc, sync_writes=False)
+    rng = random.Random(7)
+
+    def payload(n):
+        data = rng.randbytes(n)
+        if not aligned_buffer:
+            return memoryview(data)
+        m = mmap.mmap(-1, max(n, 1))
+        m[:n] = data
+        return memoryview(m)[:n]
+    model = bytearray()
+    c = cid(50, 0)
+    try:
+        steps = [(0, 300_000), (300_000, 1_000_000), (1_300_000, 5), (123_457, 200_000), (0, 4096 * 20)]
+        for v, (off, n) in enumerate(steps, 1):
+            mv = payload(n)
+            e.prepare_write(c, off, mv, v, 1)
+            e.commit(c, v)
+            model = apply_write(model, off, bytes(mv))
+            data, meta = e.read(c, 0, maxc)
+            assert data == model and meta.crc == crc32c.crc32c(model)
+        assert len(direct_opens) >= 3, "large aligned runs were not written with O_DIRECT"
+        e.verify(c)
+        # whole aligned blocks into an aligned buffer are read with O_DIRECT too
+        before = len(direct_opens)
+        out = memoryview(mmap.mmap(-1, 1 << 20))
+        for off, n in [(0, 1 << 20), (65536, 300_000), (1 << 20, 1_300_005 - (1 << 20))]:
+            got, _ = e.read(c, off, n, out)
+            assert got == n and out[:n] == model[off:off + n]
+        assert len(direct_opens) == before + 2          # the last read ends mid-block: buffered
+    finally:
+        e.close()
+    e = SyncChunkEngine(str(tmp_path / "d"), block_size=BS, max_chunk_size=maxc)
+    try:
+        assert e.read(c, 0, maxc)[0] == model
+    finally:
+        e.close()
+
+
+def test_no_o_direct_falls_back_to_the_page_cache(tmp_path, monkeypatch):
+    """A file system without O_DIRECT (tmpfs answers EINVAL) is written through the page cache."""
+    import flyfs.storage.chunk_engine as ce
+    real_open = os.open
+
+    def no_direct(path, flags, *a):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *a)
+    monkeypatch.setattr(ce.os, "open", no_direct)
+    e = SyncChunkEngine(str(tmp_path / "n"), block_size=BS, max_chunk_size=MAXC)
+    try:
+        data = os.urandom(512 * 1024)
+        e.prepare_write(cid(51, 0), 0, data, 1, 1)
+        e.commit(cid(51, 0), 1)
+        assert e.read(cid(51, 0), 0, MAXC)[0] == data
+        assert not e._direct.enabled
     finally:
         e.close()
 

@@ -7,10 +7,12 @@ large write. ``BufferPool.get(n)`` hands out a numpy view of a pooled
 power-of-two buffer instead; when the last reference to the view (or to any
 memoryview made from it) is gone, a finalizer returns the buffer to the pool.
 Nothing has to be released by hand, and a buffer still referenced (a reply
-being sent, a payload a handler kept) is never reused.
+being sent, a payload a handler kept) is never reused. Buffers are
+page-aligned, so a payload can go to disk with O_DIRECT as received.
 """
 from __future__ import annotations
 
+import mmap
 import threading
 import weakref
 
@@ -39,7 +41,8 @@ class BufferPool:
             if base is not None:
                 self._pooled -= size
         if base is None:
-            base = np.empty(size, np.uint8)
+            # page-aligned (anonymous mmap), so the storage engine can hand it to O_DIRECT
+            base = np.frombuffer(mmap.mmap(-1, size), np.uint8)
         view = base[:n]
         weakref.finalize(view, self._put, base)
         return view

@@ -79,6 +79,7 @@ import errno
 import fcntl
 import json
 import logging
+import mmap
 import os
 import struct
 import sys
@@ -89,6 +90,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Iterable, Iterator
 
 import crc32c as _crc32c_mod
+import numpy as np
 from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
 from flyfs.storage.errors import (ChainVersionMismatch, ChecksumMismatch, ChunkCorrupted,
@@ -371,6 +373,117 @@ def _pwrite_full(fd: int, mv: memoryview, offset: int) -> None:
         offset += n
 
 
+DIRECT_ALIGN = 4096          # O_DIRECT offsets, lengths and buffer addresses are multiples of this
+DIRECT_MIN = 64 * KiB        # smaller aligned runs go through the page cache (lower latency)
+_BOUNCE = 1 * MiB
+
+
+def _address(mv: memoryview) -> int | None:
+    """The address of a contiguous buffer's first byte (None if it cannot be had)."""
+    try:
+        return np.frombuffer(mv, np.uint8).ctypes.data if len(mv) else None
+    except (ValueError, TypeError, BufferError):
+        return None
+
+
+class _DirectIO:
+    """Writes data runs of a chunk file with O_DIRECT where they cover whole aligned
+    blocks, the rest through the page cache.
+
+    On this kind of machine a buffered write costs ~1-2.5 ms of CPU per MiB (the
+    page-cache copy into freshly faulted pages, measured), an O_DIRECT write
+    ~0.1 ms: the disk reads our buffer by DMA. Reads of whole aligned blocks into
+    an aligned buffer go direct too (a cold buffered read costs ~0.7 ms/MiB). A run whose buffer is not aligned
+    the way its file offset is goes through a per-thread aligned bounce buffer
+    (a memcpy, ~0.07 ms per MiB). 3FS's chunk files do the same (direct fd when
+    aligned). The partial blocks at either end are written buffered; the kernel
+    keeps page cache and direct writes of one file coherent."""
+
+    def __init__(self):
+        self.enabled = True
+        self._local = threading.local()
+
+    def _bounce(self) -> memoryview:
+        b = getattr(self._local, "buf", None)
+        if b is None:
+            b = self._local.buf = memoryview(mmap.mmap(-1, _BOUNCE))
+        return b
+
+    def write(self, path: str, fd: int, mv: memoryview, offset: int) -> None:
+        n = len(mv)
+        head = min(n, -offset % DIRECT_ALIGN)
+        mid = (n - head) - (n - head) % DIRECT_ALIGN
+        if not self.enabled or mid < DIRECT_MIN:
+            _pwrite_full(fd, mv, offset)
+            return
+        if head:
+            _pwrite_full(fd, mv[:head], offset)
+        try:
+            dfd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self._give_up(path, e)  # the file system has no O_DIRECT (tmpfs)
+            _pwrite_full(fd, mv[head:], offset + head)
+            return
+        try:
+            run = mv[head:head + mid]
+            pos = offset + head
+            addr = _address(run)
+            try:
+                if addr is not None and addr % DIRECT_ALIGN == 0:
+                    _pwrite_full(dfd, run, pos)
+                else:
+                    bounce = self._bounce()
+                    for i in range(0, mid, _BOUNCE):
+                        piece = run[i:i + _BOUNCE]
+                        bounce[:len(piece)] = piece
+                        _pwrite_full(dfd, bounce[:len(piece)], pos + i)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self._give_up(path, e)
+                _pwrite_full(fd, run, pos)
+        finally:
+            os.close(dfd)
+        if head + mid < n:
+            _pwrite_full(fd, mv[head + mid:], offset + head + mid)
+
+    def read(self, path: str, fd: int, dst: memoryview, offset: int) -> int:
+        """Fill ``dst`` from ``offset`` (fewer bytes only at end of file): O_DIRECT for the
+        whole aligned blocks when ``dst`` and ``offset`` are aligned, the page cache for
+        the rest. Returns the bytes read."""
+        n = len(dst)
+        d = n - n % DIRECT_ALIGN
+        if (not self.enabled or d < DIRECT_MIN or offset % DIRECT_ALIGN
+                or (_address(dst) or 1) % DIRECT_ALIGN):
+            return _preadv_full(fd, [dst], offset)
+        try:
+            dfd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self._give_up(path, e)
+            return _preadv_full(fd, [dst], offset)
+        try:
+            got = _preadv_full(dfd, [dst[:d]], offset)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self._give_up(path, e)
+            return _preadv_full(fd, [dst], offset)
+        finally:
+            os.close(dfd)
+        if got < d or d == n:
+            return got
+        return got + _preadv_full(fd, [dst[d:]], offset + d)
+
+    def _give_up(self, path: str, e: OSError) -> None:
+        if self.enabled:
+            self.enabled = False
+            log.info("%s: no O_DIRECT writes here (%s); writing through the page cache", path, e)
+
+
 def _preadv_full(fd: int, bufs: list[memoryview], offset: int) -> int:
     """Fill bufs from offset; returns bytes read (less only at end of file)."""
     total = 0
@@ -494,13 +607,16 @@ class SyncChunkEngine:
 
     def __init__(self, path: str, *, max_chunk_size: int = DEFAULT_MAX_CHUNK_SIZE,
                  block_size: int = DEFAULT_BLOCK_SIZE,
-                 fault_hook: Callable[[str], None] | None = None, sync_writes: bool = True):
+                 fault_hook: Callable[[str], None] | None = None, sync_writes: bool = True,
+                 direct_io: bool = True):
         _check_int("max_chunk_size", max_chunk_size, 1)
         if block_size & (block_size - 1) or not 4 * KiB <= block_size <= 64 * MiB:
             raise InvalidArgument(f"block_size must be a power of two in 4 KiB..64 MiB, got {block_size}")
         self.path = os.path.abspath(path)
         self.max_chunk_size = max_chunk_size
         self.sync_writes = bool(sync_writes)
+        self._direct = _DirectIO()
+        self._direct.enabled = bool(direct_io)
         self._fault = fault_hook
         # sync_writes=False: files and directories written since the last sync_dirty()
         self._dirty_files: set[str] = set()
@@ -880,16 +996,17 @@ class SyncChunkEngine:
 
     def _write_append(self, cid: bytes, base: _Rec, live: int, plan: Plan, mv: memoryview | None) -> None:
         fd = self._open_rec(cid, base, os.O_RDWR)
+        path = self._file(cid, base.seq)
         try:
             if os.fstat(fd).st_size > live:
                 os.ftruncate(fd, live)  # junk from a crashed or superseded update
             for s, e, kind in plan.segments:
                 if kind == DATA:
-                    _pwrite_full(fd, mv[s - plan.data_offset:e - plan.data_offset], s)
+                    self._direct.write(path, fd, mv[s - plan.data_offset:e - plan.data_offset], s)
             if os.fstat(fd).st_size < plan.new_len:
                 os.ftruncate(fd, plan.new_len)
             self._fp("prepare.written")
-            self._data_written(fd, self._file(cid, base.seq), new_file=False)
+            self._data_written(fd, path, new_file=False)
         finally:
             os.close(fd)
 
@@ -900,7 +1017,7 @@ class SyncChunkEngine:
         try:
             for s, e, kind in plan.segments:
                 if kind == DATA:
-                    _pwrite_full(fd, mv[s - plan.data_offset:e - plan.data_offset], s)
+                    self._direct.write(path, fd, mv[s - plan.data_offset:e - plan.data_offset], s)
                 elif kind == BASE:
                     _copy_range(base_fd, fd, s, e - s)
             os.ftruncate(fd, plan.new_len)
@@ -1088,7 +1205,10 @@ class SyncChunkEngine:
         tail = memoryview(bytearray(end - offset - n))
         fd = self._open_rec(cid, c, os.O_RDONLY)
         try:
-            got = _preadv_full(fd, [head, dst, tail], start)
+            if len(head) or len(tail):
+                got = _preadv_full(fd, [head, dst, tail], start)
+            else:  # whole blocks straight into the caller's buffer (O_DIRECT when aligned)
+                got = self._direct.read(self._file(cid, c.seq), fd, dst, start)
         finally:
             os.close(fd)
         if got != end - start:

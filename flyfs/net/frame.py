@@ -11,7 +11,8 @@ Every message on a data-plane connection is one frame::
 
 All integers are little-endian; the fixed part is HEADER_SIZE (28) bytes.
 A request has flags 0; its response carries the same request id and method with
-FLAG_RESPONSE set, plus FLAG_ERROR when the handler raised.
+FLAG_RESPONSE set, plus FLAG_ERROR when the handler raised. A request with
+FLAG_SHM carries a shared-memory reference as its payload (see shm.py).
 
 `FrameReader` is the incremental parser behind the asyncio BufferedProtocol of
 every transport: it hands out the buffer the next bytes should land in (an
@@ -24,7 +25,7 @@ import struct
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 __all__ = [
-    "MAGIC", "VERSION", "FLAG_RESPONSE", "FLAG_ERROR", "HEADER", "HEADER_SIZE",
+    "MAGIC", "VERSION", "FLAG_RESPONSE", "FLAG_ERROR", "FLAG_SHM", "HEADER", "HEADER_SIZE",
     "MAX_HEADER", "MAX_PAYLOAD", "TransportError", "RequestTimeout",
     "ProtocolError", "RemoteError", "FrameHeader", "pack_header",
     "unpack_header", "FrameReader", "Request", "Response", "Reply",
@@ -35,7 +36,8 @@ MAGIC = 0x46594C46          # b"FLYF" read as a little-endian u32
 VERSION = 1
 FLAG_RESPONSE = 0x01
 FLAG_ERROR = 0x02
-_KNOWN_FLAGS = FLAG_RESPONSE | FLAG_ERROR
+FLAG_SHM = 0x04             # the payload is a shared-memory reference (flyfs/net/shm.py)
+_KNOWN_FLAGS = FLAG_RESPONSE | FLAG_ERROR | FLAG_SHM
 
 HEADER = struct.Struct("<IBBHQIQ")
 HEADER_SIZE = HEADER.size   # 28

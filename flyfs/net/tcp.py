@@ -19,7 +19,8 @@ import sys
 from typing import Awaitable, Callable
 
 from .buffers import BufferPool
-from .frame import (FLAG_ERROR, FLAG_RESPONSE, HEADER, MAGIC, MAX_HEADER, MAX_PAYLOAD,
+from . import shm
+from .frame import (FLAG_ERROR, FLAG_RESPONSE, FLAG_SHM, HEADER, MAGIC, MAX_HEADER, MAX_PAYLOAD,
                     VERSION, FrameHeader, FrameReader, ProtocolError, RemoteError, Reply,
                     Request, RequestTimeout, Response, TransportError, payload_views,
                     writable_views)
@@ -35,6 +36,7 @@ _JOIN_LIMIT = 64 << 10          # below this a frame is joined and written in on
 _MAX_ERROR_TEXT = 4096
 _DEFAULT_MAX_INFLIGHT = 1024
 _WRITE_HIGH_WATER = 8 << 20
+_HELLO_TIMEOUT = 10.0
 
 
 def format_address(host: str, port: int) -> str:
@@ -237,8 +239,13 @@ class _ServerConnection(_Connection):
         return f"from {self._peer}"
 
     def _on_header(self, fh: FrameHeader, header: bytes):
-        if fh.flags:
+        if fh.flags & ~FLAG_SHM:
             raise ProtocolError(f"request frame with flags {fh.flags:#04x}")
+        if fh.flags & FLAG_SHM:
+            if fh.payload_len > shm.MAX_REF:
+                raise ProtocolError(f"shared-memory reference of {fh.payload_len} bytes")
+            self._payload = bytearray(fh.payload_len)
+            return [memoryview(self._payload)]
         if fh.payload_len:
             buffers = self._server.buffers
             self._payload = bytearray(fh.payload_len) if buffers is None else buffers.get(fh.payload_len)
@@ -251,6 +258,19 @@ class _ServerConnection(_Connection):
             self._payload = None
         else:
             payload = _EMPTY
+        if fh.method == shm.SHM_HELLO or fh.flags & FLAG_SHM:
+            try:
+                if fh.method == shm.SHM_HELLO:
+                    shm.map_arena(header.decode("ascii", "replace"))
+                    self._send(FLAG_RESPONSE, fh.method, fh.request_id, b"", [], 0)
+                    return
+                payload = shm.resolve(payload)
+                if len(payload) > self._server.max_payload:
+                    raise shm.ShmError(f"shared-memory payload of {len(payload)} bytes exceeds the "
+                                       f"{self._server.max_payload}-byte limit")
+            except shm.ShmError as exc:
+                self._send(FLAG_RESPONSE | FLAG_ERROR, fh.method, fh.request_id, _error_text(exc), [], 0)
+                return
         req = Request(fh.method, header, payload, self._peer, fh.request_id)
         task = self._loop.create_task(self._run(req))
         self._tasks.add(task)
@@ -399,6 +419,63 @@ class ClientConnection(_Connection):
         self._pending: dict[int, _Pending] = {}
         self._next_id = 1
         self._on_close = on_close
+        # arena name -> whether the peer maps it (a Future while asking); None: no shm here
+        self._shm_peer: dict[str, object] | None = {} if shm.enabled() else None
+
+    async def _peer_maps(self, name: str, timeout: float | None) -> bool:
+        """Whether the peer can map arena `name` (asked once per connection; a peer
+        too slow to answer within `timeout` is asked again next time)."""
+        st = self._shm_peer.get(name)
+        if st is True or st is False:
+            return st
+        if st is not None:
+            try:
+                return await asyncio.wait_for(asyncio.shield(st), timeout)
+            except (asyncio.TimeoutError, TransportError):
+                return False
+        fut = self._loop.create_future()
+        self._shm_peer[name] = fut
+        ok = False
+        try:
+            await self.call(shm.SHM_HELLO, name.encode(),
+                            timeout=_HELLO_TIMEOUT if timeout is None else min(timeout, _HELLO_TIMEOUT))
+            ok = True
+        except RemoteError as exc:
+            log.info("net: %s cannot map shared memory (%s): payloads go through the socket",
+                     self._describe(), exc)
+            self._shm_peer[name] = False
+        except TransportError:
+            del self._shm_peer[name]    # timed out or lost: no answer either way
+        finally:
+            if ok:
+                self._shm_peer[name] = True
+            elif self._shm_peer.get(name) is fut:
+                del self._shm_peer[name]
+            fut.set_result(ok)
+        return ok
+
+    async def _shm_payload(self, bufs: list, plen: int, timeout: float | None):
+        """(reference bytes, slice to release or None) to send `bufs` by shared memory,
+        or None to send them through the socket."""
+        if len(bufs) == 1:
+            loc = shm.locate(bufs[0])
+            if loc is not None:     # already in an arena (a daemon forwarding a client's write)
+                name, off = loc
+                ok = await self._peer_maps(name, timeout)
+                return (shm.pack_ref(name, off, plen), None) if ok else None
+        arena = shm.local_arena()
+        if arena is None or not await self._peer_maps(arena.name, timeout):
+            return None
+        got = arena.alloc(plen)
+        if got is None:
+            return None             # arena full: this one goes through the socket
+        off, view = got
+        pos = 0
+        for b in bufs:
+            n = len(b)
+            view[pos:pos + n] = b
+            pos += n
+        return shm.pack_ref(arena.name, off, plen), (arena, off, plen)
 
     def _describe(self) -> str:
         return f"to {self.address}"
@@ -428,6 +505,17 @@ class ClientConnection(_Connection):
         if plen > self._max_payload:
             raise ProtocolError(f"request payload of {plen} bytes exceeds the "
                                 f"{self._max_payload}-byte limit")
+        flags, slice_ = 0, None
+        if plen >= shm.SHM_MIN and self._shm_peer is not None:
+            t0 = self._loop.time()
+            by_ref = await self._shm_payload(bufs, plen, timeout)
+            if timeout is not None:
+                timeout = max(timeout - (self._loop.time() - t0), 0.0)
+            if by_ref is not None:
+                ref, slice_ = by_ref
+                flags, bufs, plen = FLAG_SHM, [ref], len(ref)
+                if self._error is not None:
+                    raise _copy_error(self._error)
         if into is None:
             views, capacity = None, 0
         else:
@@ -437,16 +525,20 @@ class ClientConnection(_Connection):
         fut = self._loop.create_future()
         self._pending[rid] = _Pending(fut, method, views, capacity, into)
         try:
-            self._send(0, method, rid, header, bufs, plen)
+            self._send(flags, method, rid, header, bufs, plen)
         except BaseException:
             del self._pending[rid]
+            _release(slice_, ok=False)
             raise
         end = self._written
         timer = (self._loop.call_later(timeout, self._expire, rid, timeout)
                  if timeout is not None else None)
         try:
-            return await fut
+            reply = await fut
+            _release(slice_, ok=True)
+            return reply
         except BaseException:
+            _release(slice_, ok=False)
             if self._pending.pop(rid, None) is not None:       # cancelled by our caller
                 self._reader.discard_payload(rid)
             if plen and not self._flushed(end):
@@ -470,7 +562,7 @@ class ClientConnection(_Connection):
                 f"request {rid} (method {p.method}) {self._describe()} timed out after {timeout:g}s"))
 
     def _on_header(self, fh: FrameHeader, header: bytes):
-        if not fh.flags & FLAG_RESPONSE:
+        if not fh.flags & FLAG_RESPONSE or fh.flags & FLAG_SHM:
             raise ProtocolError(f"server sent a request frame (flags {fh.flags:#04x})")
         n = fh.payload_len
         p = self._pending.get(fh.request_id)
@@ -513,6 +605,18 @@ class ClientConnection(_Connection):
         self._drop(TransportError(f"connection {self._describe()} closed"))
         if self._transport is not None:
             await self._closed
+
+
+def _release(slice_, ok: bool) -> None:
+    """Give an arena slice back: now after a successful reply; after an error or a
+    timeout only once nobody can still be reading it (a daemon retrying a forward)."""
+    if slice_ is None:
+        return
+    arena, off, n = slice_
+    if ok:
+        arena.free(off, n)
+    else:
+        asyncio.get_running_loop().call_later(shm.QUARANTINE, arena.free, off, n)
 
 
 def _filled(into, n: int) -> list[memoryview]:

@@ -1,0 +1,120 @@
+"""Shared-memory payloads between processes on one host (flyfs/net/shm.py): large
+request payloads travel as references into the sender's arena, a forwarding
+server passes the same reference on, bad references are refused one request at
+a time, and slices of failed requests are held back."""
+import asyncio
+import hashlib
+import os
+import struct
+
+import pytest
+
+from flyfs import net
+from flyfs.net import shm
+from flyfs.net.frame import FLAG_ERROR, FLAG_SHM, HEADER, pack_header
+
+pytestmark = pytest.mark.skipif(not shm.enabled(), reason="no usable /dev/shm here")
+
+HASH, FORWARD, FAIL = 1, 2, 3
+
+
+class Recorder:
+    """Handler: hashes the payload and records where it lives; FORWARD sends it on."""
+
+    def __init__(self, next_address: str | None = None):
+        self.seen: list = []
+        self.next = next_address
+        self.pool = net.ConnectionPool()
+
+    async def __call__(self, req):
+        self.seen.append(shm.locate(req.payload))
+        if req.method == FORWARD and self.next:
+            rep = await self.pool.call(self.next, HASH, b"", [req.payload])
+            return net.Response(rep.header)
+        if req.method == FAIL:
+            raise ValueError("refused")
+        return net.Response(hashlib.sha256(req.payload).digest())
+
+
+async def test_large_payloads_travel_by_reference():
+    rec = Recorder()
+    async with await net.serve(rec) as server, net.ConnectionPool() as pool:
+        big = os.urandom(3 << 20)
+        small = os.urandom(1000)
+        for data in (big, small, big):
+            rep = await pool.call(server.address, HASH, b"", [data])
+            assert rep.header == hashlib.sha256(data).digest()
+    arena = shm.local_arena()
+    assert rec.seen[0] is not None and rec.seen[0][0] == arena.name
+    assert rec.seen[1] is None                      # small: through the socket
+    assert rec.seen[2] == rec.seen[0]               # the slice was freed and reused
+    await rec.pool.close()
+
+
+async def test_a_forwarded_payload_keeps_its_reference():
+    last = Recorder()
+    async with await net.serve(last) as b:
+        first = Recorder(b.address)
+        async with await net.serve(first) as a, net.ConnectionPool() as pool:
+            data = os.urandom(1 << 20)
+            rep = await pool.call(a.address, FORWARD, b"", [memoryview(data)])
+            assert rep.header == hashlib.sha256(data).digest()
+        await first.pool.close()
+    assert first.seen[0] is not None and last.seen[0] == first.seen[0]
+
+
+async def test_turned_off_payloads_go_through_the_socket(monkeypatch):
+    monkeypatch.setenv("FLYFS_SHM", "0")
+    rec = Recorder()
+    async with await net.serve(rec) as server, net.ConnectionPool() as pool:
+        data = os.urandom(1 << 20)
+        assert (await pool.call(server.address, HASH, b"", [data])).header == hashlib.sha256(data).digest()
+    assert rec.seen == [None]
+
+
+async def test_bad_references_are_refused_and_the_connection_survives():
+    rec = Recorder()
+    arena = shm.local_arena()
+    async with await net.serve(rec) as server:
+        _, host, port = net.parse_address(server.address)
+        reader, writer = await asyncio.open_connection(host, port)
+
+        async def ask(rid, flags, payload, method=HASH, header=b""):
+            writer.write(pack_header(flags, method, rid, len(header), len(payload)) + header + payload)
+            raw = await reader.readexactly(HEADER.size)
+            _, _, rflags, _, rrid, hlen, plen = HEADER.unpack(raw)
+            body = await reader.readexactly(hlen + plen)
+            assert rrid == rid
+            return rflags, body[:hlen]
+
+        bad = [
+            shm.pack_ref("not-an-arena", 0, 10),                        # not a flyfs arena name
+            shm.pack_ref("flyfs-shm-1-000000000000", 0, 10),            # no such arena
+            shm.pack_ref(arena.name, arena.size - 10, 100),             # outside the arena
+            struct.pack("<QQH", 0, 10, 40) + b"short",                  # malformed
+        ]
+        for i, ref in enumerate(bad, 1):
+            flags, text = await ask(i, FLAG_SHM, ref)
+            assert flags & FLAG_ERROR, text
+        flags, text = await ask(50, 0, b"", method=shm.SHM_HELLO, header=b"../../etc/passwd")
+        assert flags & FLAG_ERROR and b"not a flyfs" in text
+        flags, digest = await ask(99, 0, b"still fine")
+        assert not flags & FLAG_ERROR and digest == hashlib.sha256(b"still fine").digest()
+        writer.close()
+        await writer.wait_closed()
+    assert rec.seen == [None]                      # only the last request reached the handler
+
+
+async def test_the_slice_of_a_failed_request_is_held_back():
+    rec = Recorder()
+    arena = shm.local_arena()
+    async with await net.serve(rec) as server, net.ConnectionPool() as pool:
+        data = os.urandom(1 << 20)
+        await pool.call(server.address, HASH, b"", [data])
+        free_before = sum(len(v) for v in arena._free.values())
+        with pytest.raises(net.RemoteError, match="refused"):
+            await pool.call(server.address, FAIL, b"", [data])
+        assert sum(len(v) for v in arena._free.values()) == free_before - 1   # taken, not returned
+        await pool.call(server.address, HASH, b"", [data])
+        assert rec.seen[2] != rec.seen[1]           # a different slice
+    await rec.pool.close()

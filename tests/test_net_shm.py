@@ -118,3 +118,32 @@ async def test_the_slice_of_a_failed_request_is_held_back():
         await pool.call(server.address, HASH, b"", [data])
         assert rec.seen[2] != rec.seen[1]           # a different slice
     await rec.pool.close()
+
+
+async def test_replies_land_in_the_callers_slice():
+    """A request with an `into` buffer offers an arena slice for the reply: the handler's
+    payload is placed there (or built there: no copy) and the caller gets it in `into`."""
+    BLOB, BUILD = 10, 11
+    offered = []
+
+    async def handler(req):
+        n = int(req.header)
+        offered.append(None if req.reply_buffer is None else len(req.reply_buffer))
+        if req.method == BUILD and req.reply_buffer is not None:
+            req.reply_buffer[:n] = bytes([7]) * n          # built in place
+            return net.Response(b"built", [req.reply_buffer[:n]])
+        return net.Response(b"blob", [bytes([n % 251]) * n])
+
+    async with await net.serve(handler) as server, net.ConnectionPool() as pool:
+        into = bytearray(1 << 20)
+        rep = await pool.call(server.address, BLOB, b"300000", into=into)
+        assert rep.payload_len == 300000 and bytes(rep.payload) == bytes([300000 % 251]) * 300000
+        rep = await pool.call(server.address, BUILD, b"500000", into=[memoryview(into)[:100], into])
+        assert rep.payload_len == 500000 and rep.header == b"built"
+        assert [len(v) for v in rep.payload] == [100, 499900] and into[:499900] == bytes([7]) * 499900
+        small = bytearray(1000)
+        rep = await pool.call(server.address, BLOB, b"1000", into=small)
+        assert bytes(small) == bytes([1000 % 251]) * 1000
+        with pytest.raises(net.ProtocolError):
+            await pool.call(server.address, BLOB, str(2 << 20).encode(), into=into)
+    assert offered == [1 << 20, 100 + (1 << 20), None, 1 << 20]

@@ -268,8 +268,10 @@ def test_cancelled_call_forgets_request(run):
     run(body)
 
 
-def test_timeout_mid_payload_never_writes_after_timeout(run):
-    """A reply whose payload is half received when the request times out."""
+def test_timeout_mid_payload_never_writes_after_timeout(run, monkeypatch):
+    """A reply whose payload is half received when the request times out (through the
+    socket: the fake server speaks no shared memory)."""
+    monkeypatch.setenv("FLYFS_SHM", "0")
     async def body():
         size = 400_000
         release = asyncio.Event()
@@ -314,8 +316,9 @@ def test_timeout_mid_payload_never_writes_after_timeout(run):
     run(body)
 
 
-def test_timeout_with_payload_still_queued_drops_connection(run):
+def test_timeout_with_payload_still_queued_drops_connection(run, monkeypatch):
     """The transport must not keep sending a buffer the caller got back on timeout."""
+    monkeypatch.setenv("FLYFS_SHM", "0")
     async def body():
         accepted = []
 

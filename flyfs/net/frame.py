@@ -12,7 +12,10 @@ Every message on a data-plane connection is one frame::
 All integers are little-endian; the fixed part is HEADER_SIZE (28) bytes.
 A request has flags 0; its response carries the same request id and method with
 FLAG_RESPONSE set, plus FLAG_ERROR when the handler raised. A request with
-FLAG_SHM carries a shared-memory reference as its payload (see shm.py).
+FLAG_SHM carries a shared-memory reference as its payload (see shm.py); one
+with FLAG_SHM_REPLY carries, instead of a payload, a reference to a slice of the
+caller's arena the reply payload may be written to: the response then has
+FLAG_SHM and an 8-byte payload, the number of bytes written there.
 
 `FrameReader` is the incremental parser behind the asyncio BufferedProtocol of
 every transport: it hands out the buffer the next bytes should land in (an
@@ -25,7 +28,7 @@ import struct
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 __all__ = [
-    "MAGIC", "VERSION", "FLAG_RESPONSE", "FLAG_ERROR", "FLAG_SHM", "HEADER", "HEADER_SIZE",
+    "MAGIC", "VERSION", "FLAG_RESPONSE", "FLAG_ERROR", "FLAG_SHM", "FLAG_SHM_REPLY", "HEADER", "HEADER_SIZE",
     "MAX_HEADER", "MAX_PAYLOAD", "TransportError", "RequestTimeout",
     "ProtocolError", "RemoteError", "FrameHeader", "pack_header",
     "unpack_header", "FrameReader", "Request", "Response", "Reply",
@@ -37,7 +40,8 @@ VERSION = 1
 FLAG_RESPONSE = 0x01
 FLAG_ERROR = 0x02
 FLAG_SHM = 0x04             # the payload is a shared-memory reference (flyfs/net/shm.py)
-_KNOWN_FLAGS = FLAG_RESPONSE | FLAG_ERROR | FLAG_SHM
+FLAG_SHM_REPLY = 0x08       # request: the payload names a shared-memory slice for the reply
+_KNOWN_FLAGS = FLAG_RESPONSE | FLAG_ERROR | FLAG_SHM | FLAG_SHM_REPLY
 
 HEADER = struct.Struct("<IBBHQIQ")
 HEADER_SIZE = HEADER.size   # 28
@@ -122,15 +126,18 @@ _EMPTY = memoryview(b"")
 class Request:
     """One request as a server handler sees it."""
 
-    __slots__ = ("method", "header", "payload", "peer", "request_id")
+    __slots__ = ("method", "header", "payload", "peer", "request_id", "reply_buffer")
 
     def __init__(self, method: int, header: bytes, payload: memoryview = _EMPTY,
-                 peer: str = "", request_id: int = 0):
+                 peer: str = "", request_id: int = 0, reply_buffer: memoryview | None = None):
         self.method = method
         self.header = header
         self.payload = payload      # writable memoryview over a fresh buffer, or empty
         self.peer = peer
         self.request_id = request_id
+        # Where the caller wants the reply payload (shared memory), or None. A handler
+        # that builds its reply payload in here (e.g. reads from disk into it) saves a copy.
+        self.reply_buffer = reply_buffer
 
     def __repr__(self):
         return (f"Request(method={self.method}, header={len(self.header)}B, "

@@ -36,7 +36,7 @@ import threading
 import numpy as np
 
 __all__ = ["SHM_DIR", "SHM_MIN", "SHM_HELLO", "QUARANTINE", "Arena", "ShmError", "local_arena",
-           "enabled", "pack_ref", "unpack_ref", "resolve", "locate", "map_arena"]
+           "enabled", "pack_ref", "unpack_ref", "resolve", "locate", "address", "map_arena"]
 
 log = logging.getLogger("flyfs.net.shm")
 
@@ -153,6 +153,15 @@ def resolve(ref) -> memoryview:
         raise ShmError(f"reference [{offset}, {offset + length}) is outside arena {name} "
                        f"of {len(m.mm)} bytes")
     return m.view[offset:offset + length]
+
+
+def address(buf) -> int | None:
+    """The address of a contiguous buffer's first byte (None for an empty or odd one)."""
+    try:
+        a = np.frombuffer(buf, np.uint8)
+    except (ValueError, TypeError, BufferError):
+        return None
+    return a.ctypes.data if a.size else None
 
 
 def locate(buf) -> tuple[str, int] | None:

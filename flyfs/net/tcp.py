@@ -15,12 +15,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import struct
 import sys
 from typing import Awaitable, Callable
 
 from .buffers import BufferPool
 from . import shm
-from .frame import (FLAG_ERROR, FLAG_RESPONSE, FLAG_SHM, HEADER, MAGIC, MAX_HEADER, MAX_PAYLOAD,
+from .frame import (FLAG_ERROR, FLAG_RESPONSE, FLAG_SHM, FLAG_SHM_REPLY, HEADER, MAGIC, MAX_HEADER, MAX_PAYLOAD,
                     VERSION, FrameHeader, FrameReader, ProtocolError, RemoteError, Reply,
                     Request, RequestTimeout, Response, TransportError, payload_views,
                     writable_views)
@@ -239,9 +240,9 @@ class _ServerConnection(_Connection):
         return f"from {self._peer}"
 
     def _on_header(self, fh: FrameHeader, header: bytes):
-        if fh.flags & ~FLAG_SHM:
+        if fh.flags & ~(FLAG_SHM | FLAG_SHM_REPLY) or fh.flags == FLAG_SHM | FLAG_SHM_REPLY:
             raise ProtocolError(f"request frame with flags {fh.flags:#04x}")
-        if fh.flags & FLAG_SHM:
+        if fh.flags:
             if fh.payload_len > shm.MAX_REF:
                 raise ProtocolError(f"shared-memory reference of {fh.payload_len} bytes")
             self._payload = bytearray(fh.payload_len)
@@ -258,20 +259,24 @@ class _ServerConnection(_Connection):
             self._payload = None
         else:
             payload = _EMPTY
-        if fh.method == shm.SHM_HELLO or fh.flags & FLAG_SHM:
+        reply_buffer = None
+        if fh.method == shm.SHM_HELLO or fh.flags:
             try:
                 if fh.method == shm.SHM_HELLO:
                     shm.map_arena(header.decode("ascii", "replace"))
                     self._send(FLAG_RESPONSE, fh.method, fh.request_id, b"", [], 0)
                     return
-                payload = shm.resolve(payload)
+                if fh.flags & FLAG_SHM_REPLY:
+                    reply_buffer, payload = shm.resolve(payload), _EMPTY
+                else:
+                    payload = shm.resolve(payload)
                 if len(payload) > self._server.max_payload:
                     raise shm.ShmError(f"shared-memory payload of {len(payload)} bytes exceeds the "
                                        f"{self._server.max_payload}-byte limit")
             except shm.ShmError as exc:
                 self._send(FLAG_RESPONSE | FLAG_ERROR, fh.method, fh.request_id, _error_text(exc), [], 0)
                 return
-        req = Request(fh.method, header, payload, self._peer, fh.request_id)
+        req = Request(fh.method, header, payload, self._peer, fh.request_id, reply_buffer)
         task = self._loop.create_task(self._run(req))
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -308,6 +313,12 @@ class _ServerConnection(_Connection):
                            _error_text(exc), [], 0)
             return
         if self.is_open:
+            rb = req.reply_buffer
+            if rb is not None and total <= len(rb):
+                _place(rb, payload)
+                self._send(FLAG_RESPONSE | FLAG_SHM, req.method, req.request_id, header,
+                           [_U64.pack(total)], _U64.size)
+                return
             self._send(FLAG_RESPONSE, req.method, req.request_id, header, payload, total)
             if self._paused:
                 await self._drain()
@@ -398,15 +409,16 @@ async def serve(handler: Handler, host: str = "127.0.0.1", port: int = 0, *,
 # ---------------------------------------------------------------- client
 
 class _Pending:
-    __slots__ = ("fut", "method", "views", "capacity", "into", "buf")
+    __slots__ = ("fut", "method", "views", "capacity", "into", "buf", "reply_slice")
 
-    def __init__(self, fut, method, views, capacity, into):
+    def __init__(self, fut, method, views, capacity, into, reply_slice=None):
         self.fut = fut
         self.method = method
         self.views = views          # list of byte views, or None to allocate on arrival
         self.capacity = capacity
         self.into = into
         self.buf = None
+        self.reply_slice = reply_slice  # memoryview of the arena slice offered for the reply
 
 
 class ClientConnection(_Connection):
@@ -520,10 +532,26 @@ class ClientConnection(_Connection):
             views, capacity = None, 0
         else:
             views, capacity = writable_views(into)
+        reply_view = None
+        if (not plen and capacity >= shm.SHM_MIN and self._shm_peer is not None
+                and (arena := shm.local_arena()) is not None):
+            t0 = self._loop.time()
+            ok = await self._peer_maps(arena.name, timeout)
+            if timeout is not None:
+                timeout = max(timeout - (self._loop.time() - t0), 0.0)
+            got = arena.alloc(capacity) if ok else None
+            if got is not None:
+                off, reply_view = got
+                slice_ = (arena, off, capacity)
+                flags, bufs = FLAG_SHM_REPLY, [shm.pack_ref(arena.name, off, capacity)]
+                plen = len(bufs[0])
+                if self._error is not None:
+                    _release(slice_, ok=True)
+                    raise _copy_error(self._error)
         rid = self._next_id
         self._next_id = rid + 1
         fut = self._loop.create_future()
-        self._pending[rid] = _Pending(fut, method, views, capacity, into)
+        self._pending[rid] = _Pending(fut, method, views, capacity, into, reply_view)
         try:
             self._send(flags, method, rid, header, bufs, plen)
         except BaseException:
@@ -562,10 +590,17 @@ class ClientConnection(_Connection):
                 f"request {rid} (method {p.method}) {self._describe()} timed out after {timeout:g}s"))
 
     def _on_header(self, fh: FrameHeader, header: bytes):
-        if not fh.flags & FLAG_RESPONSE or fh.flags & FLAG_SHM:
+        if not fh.flags & FLAG_RESPONSE or fh.flags & FLAG_SHM_REPLY:
             raise ProtocolError(f"server sent a request frame (flags {fh.flags:#04x})")
         n = fh.payload_len
         p = self._pending.get(fh.request_id)
+        if fh.flags & FLAG_SHM:
+            if n != _U64.size or (p is not None and p.reply_slice is None):
+                raise ProtocolError("unexpected shared-memory reply")
+            if p is None:
+                return None
+            p.buf = bytearray(n)
+            return [memoryview(p.buf)]
         if p is None or not n or fh.flags & FLAG_ERROR:
             return None         # a late reply to a forgotten request: discard
         if p.views is None:
@@ -584,6 +619,19 @@ class ClientConnection(_Connection):
             p.fut.set_exception(RemoteError(header.decode("utf-8", "replace")))
             return
         n = fh.payload_len
+        if fh.flags & FLAG_SHM:     # the reply payload is in our arena slice
+            (n,) = _U64.unpack(p.buf)
+            if n > p.capacity:
+                p.fut.set_exception(ProtocolError(f"shared-memory reply of {n} bytes exceeds the "
+                                                  f"{p.capacity}-byte into buffer"))
+                return
+            src, pos = p.reply_slice, 0
+            for v in p.views:
+                k = min(len(v), n - pos)
+                if k <= 0:
+                    break
+                v[:k] = src[pos:pos + k]
+                pos += k
         if p.views is None:
             payload = memoryview(p.buf) if n else _EMPTY
         elif isinstance(p.into, (list, tuple)):
@@ -605,6 +653,20 @@ class ClientConnection(_Connection):
         self._drop(TransportError(f"connection {self._describe()} closed"))
         if self._transport is not None:
             await self._closed
+
+
+_U64 = struct.Struct("<Q")
+
+
+def _place(dst: memoryview, bufs: list) -> None:
+    """Copy bufs into dst back to back, skipping a buffer that already sits where it goes."""
+    base = shm.address(dst)
+    pos = 0
+    for b in bufs:
+        n = len(b)
+        if base is None or shm.address(b) != base + pos:
+            dst[pos:pos + n] = b
+        pos += n
 
 
 def _release(slice_, ok: bool) -> None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -68,6 +69,10 @@ MAX_READ_PIECES = 4096
 MAX_DUMP_PAGE = 4096
 # Statuses a predecessor keeps retrying a forward on (anything else is final).
 _RETRY_FORWARD = {SC.STALE_ROUTING, SC.NOT_SERVING, SC.BUSY, SC.NOT_HEAD, SC.INTERNAL, SC.NOT_COMMITTED}
+
+
+# The client's shared-memory reply slice of the request being handled (net.Request.reply_buffer).
+_REPLY_BUFFER: contextvars.ContextVar = contextvars.ContextVar("reply_buffer", default=None)
 
 
 @dataclass
@@ -591,6 +596,8 @@ class StorageServer:
         except (DecodeError, ValueError) as e:
             return self._error(reply_cls, SC.INVALID_ARGUMENT,
                                f"malformed {req_cls.__name__} header ({len(req.header)} bytes): {e}")
+        if req.reply_buffer is not None:
+            _REPLY_BUFFER.set(req.reply_buffer)  # this request's task only
         try:
             reply, payload = await fn(msg, req.payload)
         except StatusError as e:
@@ -1060,7 +1067,10 @@ class StorageServer:
         if total > limit:
             raise StatusError(SC.INVALID_ARGUMENT, f"batch read of {total} bytes exceeds the "
                               f"{limit}-byte reply limit; split it")
-        buf = self._buffers.get(total)
+        # Straight into the client's shared-memory reply slice when it offered one.
+        rb = _REPLY_BUFFER.get()
+        buf = (np.frombuffer(rb, np.uint8)[:total] if rb is not None and len(rb) >= total
+               else self._buffers.get(total))
         offsets = craq.slot_offsets(lengths)
         results: list[S.ReadResult | None] = [None] * len(pieces)
 

@@ -432,28 +432,37 @@ def _gen_task(path: str, start: int, count: int, chunk: int) -> tuple[int, int, 
 def _partition_task(in_path: str, tmp_fmt: str, partitions: int, chunk: int) -> tuple[int, dict]:
     """Split one input file into per-partition pieces; return (records, costs).
 
-    The pieces of chunk k are written, all at once, while chunk k+1 is read
-    and partitioned."""
+    Chunk k+1 is read while chunk k is partitioned (two buffers), and the
+    pieces of chunk k are written, all at once, while chunk k+1 is
+    partitioned."""
     costs = Costs()
     fs = _fs(costs)
     outs: list[BinaryIO] = []
     n = 0
-    buf = np.empty((chunk, RECORD_SIZE), np.uint8)
+    bufs = [np.empty((chunk, RECORD_SIZE), np.uint8) for _ in range(2)]
     try:
         # Create every piece, even empty ones: phase 2 then reads a fixed set.
         for p in range(partitions):
             outs.append(fs.open(tmp_fmt % p, "wb"))
-        with fs.open(in_path, "rb") as f, _Overlap(costs, min(partitions, 8)) as io:
+        with fs.open(in_path, "rb") as f, _Overlap(costs, min(partitions, 8)) as io, \
+                _Overlap(costs, 1) as rio:
+            raw = _raw(f)
+            rio.submit(_read_records, raw, bufs[0])
+            k = 0
             while True:
-                recs = _read_records(f, buf)
+                (recs,) = rio.wait("read")
+                if recs.shape[0] == chunk:
+                    k += 1
+                    rio.submit(_read_records, raw, bufs[k % 2])
                 if recs.shape[0]:
-                    grouped, off = split_by_partition(recs, partitions)
+                    grouped, off = split_by_partition(recs, partitions)  # a copy: recs' buffer is free
                     io.wait("write")  # chunk k-1's pieces are out before chunk k's go
                     for p in np.flatnonzero(off[1:] > off[:-1]):
                         io.submit(_write_all, _raw(outs[p]), grouped[off[p]:off[p + 1]])
                     n += recs.shape[0]
                 if recs.shape[0] < chunk:
                     break
+            rio.wait("read")
             io.wait("write")
     finally:
         for o in outs:

@@ -418,12 +418,8 @@ class _DirectIO:
             return
         if head:
             _pwrite_full(fd, mv[:head], offset)
-        try:
-            dfd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            self._give_up(path, e)  # the file system has no O_DIRECT (tmpfs)
+        dfd = self._open(path, os.O_WRONLY)
+        if dfd is None:
             _pwrite_full(fd, mv[head:], offset + head)
             return
         try:
@@ -458,12 +454,8 @@ class _DirectIO:
         if (not self.enabled or d < DIRECT_MIN or offset % DIRECT_ALIGN
                 or (_address(dst) or 1) % DIRECT_ALIGN):
             return _preadv_full(fd, [dst], offset)
-        try:
-            dfd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            self._give_up(path, e)
+        dfd = self._open(path, os.O_RDONLY)
+        if dfd is None:
             return _preadv_full(fd, [dst], offset)
         try:
             got = _preadv_full(dfd, [dst[:d]], offset)
@@ -477,6 +469,16 @@ class _DirectIO:
         if got < d or d == n:
             return got
         return got + _preadv_full(fd, [dst[d:]], offset + d)
+
+    def _open(self, path: str, flags: int) -> int | None:
+        """`path` opened with O_DIRECT, or None where the file system refuses it (tmpfs)."""
+        try:
+            return os.open(path, flags | os.O_DIRECT | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self._give_up(path, e)
+            return None
 
     def _give_up(self, path: str, e: OSError) -> None:
         if self.enabled:

@@ -147,3 +147,13 @@ async def test_replies_land_in_the_callers_slice():
         with pytest.raises(net.ProtocolError):
             await pool.call(server.address, BLOB, str(2 << 20).encode(), into=into)
     assert offered == [1 << 20, 100 + (1 << 20), None, 1 << 20]
+
+
+def test_no_arena_when_dev_shm_is_nearly_full(monkeypatch):
+    """A small or full /dev/shm (Docker gives 64 MiB) gets no arena: payloads then go
+    through the socket instead of risking SIGBUS on a tmpfs that ran out."""
+    class Tiny:
+        f_bavail, f_frsize = 1000, 4096
+    monkeypatch.setattr(shm.os, "statvfs", lambda path: Tiny)
+    with pytest.raises(OSError, match="free in"):
+        shm.Arena()

@@ -19,16 +19,17 @@ def test_bench_storage_prints_every_figure_and_ratio(tmp_path, capsys):
     for m in filter(None, rows):
         value, baseline, ratio = float(m[4]), float(m[6]), float(m[8])
         assert value > 0 and baseline > 0 and ratio > 0
-    # The disk ceiling (1 and 3 fdatasync'd copies) per request size, a "vs disk" ratio
-    # beside every write, and CPU per MiB (client / storage daemons) beside every figure.
-    disk = {(m[1], m[2]) for m in re.finditer(r"^disk: ([13]) x fdatasync'd ([14]) MiB writes\s+[\d.]+ \S?B/s",
+    # The disk ceiling (1 and 3 copies written, one read back) per request size, a "vs
+    # disk" ratio beside every figure, and CPU per MiB (client / storage daemons) too.
+    disk = {(m[1], m[2]) for m in re.finditer(r"^disk: ([13]) x ([14]) MiB writes\s+[\d.]+ \S?B/s",
                                                out, re.M)}
     assert disk == {(k, s) for k in "13" for s in "14"}
+    assert len(re.findall(r"^disk: [14] MiB reads\s+[\d.]+ \S?B/s", out, re.M)) == 2
     writes = re.findall(r"^write, chain of [13], [14] MiB\s+\S+ \S+\s+\S+ \S+\s+[\d.]+\s+([\d.]+)\s+"
                         r"([\d.]+) / ([\d.]+)", out, re.M)
     assert len(writes) == 4 and all(float(r) > 0 and float(c) >= 0 and float(s) >= 0 for r, c, s in writes)
-    reads = re.findall(r"^read, chain of [13], [14] MiB\s+\S+ \S+\s+\S+ \S+\s+[\d.]+\s+([\d.]+) / ([\d.]+)",
-                       out, re.M)
+    reads = re.findall(r"^read, chain of [13], [14] MiB\s+\S+ \S+\s+\S+ \S+\s+[\d.]+\s+[\d.]+\s+"
+                       r"([\d.]+) / ([\d.]+)", out, re.M)
     assert len(reads) == 4 and all(float(c) >= 0 and float(s) >= 0 for c, s in reads)
     # /proc counts CPU in clock ticks: tiny runs may read 0, but never all of them.
     assert sum(float(s) for *_, s in writes + reads) > 0

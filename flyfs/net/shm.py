@@ -44,7 +44,8 @@ SHM_DIR = "/dev/shm"
 SHM_MIN = 64 << 10             # smaller payloads go through the socket (a reference saves nothing)
 SHM_HELLO = 0xFFFF             # reserved method: "can you map arena NAME?"
 QUARANTINE = 300.0             # seconds a slice of a failed request stays unused
-ARENA_SIZE = int(os.environ.get("FLYFS_SHM_ARENA", str(256 << 20)))
+ARENA_SIZE = int(os.environ.get("FLYFS_SHM_ARENA", str(128 << 20)))
+_MIN_ARENA = 16 << 20          # less room than this in /dev/shm: no shared memory at all
 _MIN_SLICE = 64 << 10
 _NAME = re.compile(r"^flyfs-shm-(\d+)-[0-9a-f]{12}$")
 _REF = struct.Struct("<QQH")   # offset, length, name length; then the name
@@ -187,12 +188,18 @@ class Arena:
 
     def __init__(self, size: int = ARENA_SIZE):
         _remove_stale_arenas()
+        st = os.statvfs(SHM_DIR)
+        size = min(size, st.f_bavail * st.f_frsize // 4) // mmap.PAGESIZE * mmap.PAGESIZE
+        if size < _MIN_ARENA:
+            raise OSError(f"only {st.f_bavail * st.f_frsize >> 20} MiB free in {SHM_DIR}")
         self.pid = os.getpid()
         self.name = f"flyfs-shm-{self.pid}-{secrets.token_hex(6)}"
         path = os.path.join(SHM_DIR, self.name)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            os.ftruncate(fd, size)
+            # Reserve the pages now: a tmpfs that fills up later must not turn a
+            # write into the arena into SIGBUS (Docker's /dev/shm is 64 MiB).
+            os.posix_fallocate(fd, 0, size)
             mm = mmap.mmap(fd, size)
         except BaseException:
             os.close(fd)

@@ -13,7 +13,8 @@ from flyfs import net
 from flyfs.net import shm
 from flyfs.net.frame import FLAG_ERROR, FLAG_SHM, HEADER, pack_header
 
-pytestmark = pytest.mark.skipif(not shm.enabled(), reason="no usable /dev/shm here")
+pytestmark = pytest.mark.skipif(not shm.enabled() or shm.local_arena() is None,
+                                reason="no usable /dev/shm here (missing or too small for an arena)")
 
 HASH, FORWARD, FAIL = 1, 2, 3
 

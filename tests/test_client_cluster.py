@@ -15,6 +15,7 @@ Other test modules use the fixtures with::
 from __future__ import annotations
 
 import os
+import time
 import uuid
 
 import pytest
@@ -178,3 +179,30 @@ def test_fsync_makes_the_file_durable_on_every_replica(fly, fs):
              if tid in tids and t.engine.sync.dirty]
     assert dirty == [], f"targets still unsynced after fsync: {dirty}"
     assert fs.read_bytes("/fsync-me.bin") == data
+
+
+def test_closing_an_unwritten_file_does_not_wait_for_the_server(fly, fs):
+    """creat() + close() of an empty file: the session ends through close_later() (batched,
+    like FUSE's release), a written file's close waits for its length report."""
+    core = fs._core()
+    waited: list = []
+    real = core._s.meta.close
+
+    async def spy(*a, **kw):
+        waited.append(a[0])
+        return await real(*a, **kw)
+    core._s.meta.close = spy
+    try:
+        with fs.open("/later-empty.bin", "wb"):
+            pass
+        with fs.open("/later-written.bin", "wb") as f:
+            f.write(b"x")
+    finally:
+        core._s.meta.close = real
+    empty, written = fs.stat("/later-empty.bin"), fs.stat("/later-written.bin")
+    assert waited == [written.st_ino] and written.st_size == 1 and empty.st_size == 0
+    svc = fly._meta[2]
+    deadline = time.monotonic() + 10
+    while fly.run(svc.list_sessions(empty.st_ino)):
+        assert time.monotonic() < deadline, "the empty file's session never ended"
+        time.sleep(0.01)

@@ -3,6 +3,7 @@ gRPC suite's round trips through MetaClient("tcp://..."), errors as OSError,
 bad frames answered without harming the server, and discovery through mgmtd
 (NodeInfo.data_address) with `flyfs meta` as a real process."""
 import asyncio
+import os
 import errno
 import re
 import signal
@@ -141,6 +142,31 @@ async def test_concurrent_calls_are_coalesced_into_batches(counted):
     c.coalesce = False
     await asyncio.gather(*[c.lookup(d.ino, f"f{i}") for i in range(5)])
     assert servicer.batches == []
+
+
+async def test_close_later_ends_sessions_in_batches(counted):
+    """Closes of unwritten files are queued and go out together; flush_closes() waits for
+    them; sessions of different users go in separate Batch calls; a stale one is logged."""
+    svc, c, servicer = counted
+    d = await c.mkdir(ROOT_INO, "later", 0o777)
+    made = [await c.create(d.ino, f"f{i}", 0o644, os.O_WRONLY) for i in range(40)]
+    bob_file, bob_session = await c.create(d.ino, "bob", 0o644, os.O_WRONLY, user=BOB)
+    assert len(await svc.list_sessions()) == 41
+    servicer.batches.clear()
+    for f, session in made:
+        assert c.close_later(f.ino, session) is None          # returns at once
+    c.close_later(bob_file.ino, bob_session, user=BOB)
+    c.close_later(made[0][0].ino, b"no-such-session")
+    assert len(await svc.list_sessions()) == 41               # nothing sent yet
+    await c.flush_closes()
+    assert await svc.list_sessions() == []
+    assert sorted(len(b) for b in servicer.batches) == [1, 41]
+    assert all(set(b) == {"close"} for b in servicer.batches)
+    # Without flush_closes() they go within CLOSE_DELAY.
+    f, session = await c.create(d.ino, "timed", 0o644, os.O_WRONLY)
+    c.close_later(f.ino, session)
+    await asyncio.sleep(c.CLOSE_DELAY * 20)
+    assert await svc.list_sessions() == []
 
 
 async def test_a_cancelled_caller_leaves_its_batch(counted):

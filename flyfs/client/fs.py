@@ -1025,6 +1025,9 @@ class AsyncFileSystem:
                 # Inherited across fork: the session is the parent's to end; report what we wrote.
                 if st.unreported:
                     await self._s.meta.sync(h.ino, h.session, st.size, True, user=h.who)
+            elif (not h.wrote and not st.unreported and st.handles <= 1
+                  and (later := getattr(self._s.meta, "close_later", None)) is not None):
+                later(h.ino, h.session, user=h.who)  # nothing to report: don't wait for it
             else:
                 async with st.lock:
                     length = st.size if (h.wrote or st.unreported) else None

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import uuid as uuidlib
 from typing import AsyncIterator
@@ -46,6 +47,7 @@ from ..proto import meta_pb2_grpc
 
 _RETRY_CODES = (grpc.StatusCode.UNAVAILABLE,)
 NET_SCHEME = "tcp://"
+log = logging.getLogger("flyfs.client.meta")
 MAX_COALESCE = 256      # calls in one coalesced Batch (the server takes up to 1024)
 _ALONE = object()       # a coalescable call with no company: sent as a plain call
 
@@ -82,8 +84,22 @@ def raise_for(status) -> None:
         raise OSError(status.code, status.message or os.strerror(status.code))
 
 
+class _Later:
+    """close_later()'s queue on one event loop."""
+
+    __slots__ = ("queued", "timer", "sending")
+
+    def __init__(self):
+        self.queued: list = []
+        self.timer: asyncio.TimerHandle | None = None
+        self.sending: set[asyncio.Task] = set()
+
+
 class MetaClient:
     """Client of one metadata server: gRPC at HOST:PORT, or flyfs/net at tcp://HOST:PORT."""
+
+    #: close_later(): how long a queued close waits for company (seconds)
+    CLOSE_DELAY = 0.005
 
     #: flyfs/net only: calls issued in the same event-loop iteration (concurrent
     #: callers) that a Batch can carry go out as one Batch call. Each is still its
@@ -108,6 +124,9 @@ class MetaClient:
             net.parse_address(target)   # ValueError now, not at the first call
         self._links: dict[asyncio.AbstractEventLoop, _NetLink] = {}
         self._links_pid = os.getpid()
+        # close_later(): per event loop, the closes waiting to go out and the sends in flight
+        self._later: dict[asyncio.AbstractEventLoop, _Later] = {}
+        self._later_pid = os.getpid()
 
     async def __aenter__(self) -> "MetaClient":
         return self
@@ -136,7 +155,12 @@ class MetaClient:
         return link
 
     async def close_channel(self) -> None:
-        """Close the connections (gRPC channel or flyfs/net pools); the next call reopens them."""
+        """Close the connections (gRPC channel or flyfs/net pools); the next call reopens them.
+        Closes queued by close_later() go out first."""
+        try:
+            await self.flush_closes()
+        except RuntimeError:  # no running loop of ours here: nothing queued on it
+            pass
         if self._channel is not None:
             await self._channel.close()
             self._channel = self._stub = None
@@ -388,6 +412,59 @@ class MetaClient:
     async def close(self, ino: int, session: bytes | None = None, length: int | None = None,
                     wrote: bool = False, *, user: Caller | None = None) -> Inode:
         return await self._attr("Close", lambda h: self._close_req(h, ino, session, length, wrote), user)
+
+    def close_later(self, ino: int, session: bytes, *, user: Caller | None = None) -> None:
+        """End a write session that wrote nothing, without waiting: such a close changes
+        no attribute, only ends the session, so it is queued and sent with others in one
+        Batch call within CLOSE_DELAY seconds (at once when MAX_COALESCE are queued).
+        Like FUSE's release, which the kernel sends after close(2) has returned. A
+        failure is logged; a close that never arrives is ended by session expiry.
+        Call from a running event loop; flush_closes() waits for everything queued."""
+        loop = asyncio.get_running_loop()
+        if self._later_pid != os.getpid():   # a forked child: the parent's queue is the parent's
+            self._later, self._later_pid = {}, os.getpid()
+        q = self._later.get(loop)
+        if q is None:
+            q = self._later[loop] = _Later()
+        q.queued.append((ino, session, user))
+        if len(q.queued) >= MAX_COALESCE:
+            self._send_later(loop, q)
+        elif q.timer is None:
+            q.timer = loop.call_later(self.CLOSE_DELAY, self._send_later, loop, q)
+
+    def _send_later(self, loop: asyncio.AbstractEventLoop, q: "_Later") -> None:
+        if q.timer is not None:
+            q.timer.cancel()
+            q.timer = None
+        queued, q.queued = q.queued, []
+        if queued:
+            task = loop.create_task(self._close_batch(queued))
+            q.sending.add(task)
+            task.add_done_callback(q.sending.discard)
+
+    async def _close_batch(self, queued: list) -> None:
+        by_user: dict = {}
+        for ino, session, user in queued:
+            key = None if user is None else (user.uid, tuple(user.gids), user.client_id)
+            by_user.setdefault(key, (user, []))[1].append(("close", {"ino": ino, "session": session}))
+        for user, ops in by_user.values():
+            try:
+                results = await self.batch(ops, user=user)
+            except OSError as e:
+                log.warning("ending %d write sessions failed (they expire later): %s", len(ops), e)
+                continue
+            for (_, kw), r in zip(ops, results):
+                if isinstance(r, OSError) and r.errno != errno.ENOENT:
+                    log.warning("ending the write session of inode %d: %s", kw["ino"], r)
+
+    async def flush_closes(self) -> None:
+        """Send what close_later() queued on this loop and wait until it is acknowledged."""
+        q = self._later.get(asyncio.get_running_loop()) if self._later_pid == os.getpid() else None
+        if q is None:
+            return
+        self._send_later(asyncio.get_running_loop(), q)
+        if q.sending:
+            await asyncio.gather(*list(q.sending), return_exceptions=True)
 
     async def sync(self, ino: int, session: bytes | None = None, length: int | None = None,
                    wrote: bool = False, *, user: Caller | None = None) -> Inode:

@@ -158,3 +158,18 @@ def test_no_arena_when_dev_shm_is_nearly_full(monkeypatch):
     monkeypatch.setattr(shm.os, "statvfs", lambda path: Tiny)
     with pytest.raises(OSError, match="free in"):
         shm.Arena()
+
+
+def test_arenas_of_another_user_are_refused(monkeypatch):
+    """A process maps only arenas owned by its own user (a daemon running as root is never
+    talked into another user's memory); the hello fails and the socket carries the bytes."""
+    arena = shm.local_arena()
+    real_uid = os.getuid()
+    mapped = shm._maps.pop(arena.name)              # as if this process had not mapped it
+    try:
+        monkeypatch.setattr(shm.os, "getuid", lambda: real_uid + 1)
+        with pytest.raises(shm.ShmError, match="belongs to uid"):
+            shm.map_arena(arena.name)
+        assert arena.name not in shm._maps
+    finally:
+        shm._maps[arena.name] = mapped

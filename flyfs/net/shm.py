@@ -14,7 +14,8 @@ own arena: no socket copies anywhere (loopback TCP costs a kernel copy on each
 side, ~0.3-0.5 ms of CPU per MiB each on this machine).
 
 Safety: a connection uses references only after the peer answered a hello
-naming the arena (``SHM_HELLO``: the peer maps it, so it is on this host), and
+naming the arena (``SHM_HELLO``: the peer maps it, so it is on this host and
+the arena belongs to the peer's own user), and
 a slice is reused only after the request that carried it got a successful
 reply; after an error or a timeout it is held back for ``QUARANTINE`` seconds
 (a daemon may still be retrying a forward of it). Arena names are checked
@@ -121,7 +122,12 @@ def map_arena(name: str) -> _Mapping:
         except OSError as e:
             raise ShmError(f"cannot open shared-memory arena {name}: {e.strerror}") from None
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if st.st_uid != os.getuid():
+                # Only arenas of this process's own user: a daemon running as root must not
+                # be talked into reading or writing another user's memory.
+                raise ShmError(f"shared-memory arena {name} belongs to uid {st.st_uid}, not {os.getuid()}")
+            size = st.st_size
             if size <= 0:
                 raise ShmError(f"shared-memory arena {name} is empty")
             mm = mmap.mmap(fd, size)

@@ -526,8 +526,6 @@ class ClientConnection(_Connection):
             if by_ref is not None:
                 ref, slice_ = by_ref
                 flags, bufs, plen = FLAG_SHM, [ref], len(ref)
-                if self._error is not None:
-                    raise _copy_error(self._error)
         if into is None:
             views, capacity = None, 0
         else:
@@ -545,9 +543,10 @@ class ClientConnection(_Connection):
                 slice_ = (arena, off, capacity)
                 flags, bufs = FLAG_SHM_REPLY, [shm.pack_ref(arena.name, off, capacity)]
                 plen = len(bufs[0])
-                if self._error is not None:
-                    _release(slice_, ok=True)
-                    raise _copy_error(self._error)
+        if self._error is not None or self._transport is None:
+            _release(slice_, ok=True)   # lost while asking the peer: nothing was sent
+            raise _copy_error(self._error) if self._error else TransportError(
+                f"connection {self._describe()} is not open")
         rid = self._next_id
         self._next_id = rid + 1
         fut = self._loop.create_future()

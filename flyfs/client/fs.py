@@ -82,10 +82,10 @@ class ClientConfig:
     max_inflight: int = chunk_io.MAX_INFLIGHT  # chunk requests in flight per operation
     control_threads: int = 32            # threads running blocking control-plane RPCs
     buffer_size: int = 1 << 20           # io buffer of FileSystem.open (bytes)
-    write_buffer: int = 1 << 20          # write-behind: coalesce contiguous writes up to this (bytes)
-    write_window: int = 8 << 20          # write-behind: bytes in flight per file
-    readahead: int = 8 << 20             # FUSE: bytes fetched ahead of sequential reads per open file (0: off)
-    readahead_block: int = 1 << 20       # FUSE: size of one read-ahead fetch (bytes)
+    write_buffer: int = 4 << 20          # write-behind: coalesce contiguous writes up to this (bytes)
+    write_window: int = 16 << 20         # write-behind: bytes in flight per file
+    readahead: int = 16 << 20            # FUSE: bytes fetched ahead of sequential reads per open file (0: off)
+    readahead_block: int = 4 << 20       # FUSE: size of one read-ahead fetch (bytes)
     readdir_page: int = 0                # entries per readdir RPC (0: the server's page)
 
 

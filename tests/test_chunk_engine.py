@@ -460,6 +460,36 @@ def test_corruption_is_an_error_not_data(eng):
         eng.read(c, 0, 10)
 
 
+def test_appends_extend_the_recorded_crc_without_reading_back(eng, monkeypatch):
+    """An append to a partial last block takes that block's recorded crc and extends it
+    (no read of the old bytes); damage to those bytes is still caught when read."""
+    c = cid(18, 0)
+    first, second, third = rnd(BS + 100), rnd(3000), rnd(2 * BS + 7)
+    eng.prepare_write(c, 0, first, 1, 1)
+    eng.commit(c, 1)
+
+    def no_reads(*a):
+        raise AssertionError("the base block was read back")
+    monkeypatch.setattr(eng, "_read_base_block", no_reads)
+    eng.prepare_write(c, len(first), second, 2, 1)                 # append right at the end
+    eng.commit(c, 2)
+    eng.prepare_write(c, len(first) + len(second) + 50, third, 3, 1)  # append after a gap
+    eng.commit(c, 3)
+    monkeypatch.undo()
+    want = first + second + bytes(50) + third
+    data, meta = eng.read(c, 0, MAXC)
+    assert data == want and meta.crc == crc32c.crc32c(want)
+    eng.verify(c)
+    # damage inside the kept prefix of block 1, then append again: still detected
+    with open(committed_file(eng, c), "r+b") as fh:
+        fh.seek(BS + 20)
+        b = fh.read(1)
+        fh.seek(BS + 20)
+        fh.write(bytes([b[0] ^ 1]))
+    with pytest.raises(ChecksumMismatch, match="block 1"):
+        eng.read(c, BS, 100)
+
+
 def test_bad_input_writes_nothing(eng):
     c = cid(16, 0)
     cases = [

@@ -38,7 +38,6 @@ import shutil
 import signal
 import sys
 import time
-import weakref
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 

@@ -173,15 +173,12 @@ def address(buf) -> int | None:
 
 def locate(buf) -> tuple[str, int] | None:
     """(arena name, offset) when `buf` lies wholly inside an arena mapped here."""
-    try:
-        a = np.frombuffer(buf, np.uint8)
-    except (ValueError, TypeError, BufferError):
+    start = address(buf)
+    if start is None:
         return None
-    if not a.size:
-        return None
-    start = a.ctypes.data
+    end = start + memoryview(buf).nbytes
     for m in list(_maps.values()):
-        if m.start <= start and start + a.size <= m.end:
+        if m.start <= start and end <= m.end:
             return m.name, start - m.start
     return None
 

@@ -90,9 +90,9 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Iterable, Iterator
 
 import crc32c as _crc32c_mod
-import numpy as np
 from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
+from flyfs.net.shm import address
 from flyfs.storage.errors import (ChainVersionMismatch, ChecksumMismatch, ChunkCorrupted,
                                   ChunkNotCommitted, ChunkNotFound, ChunkSizeExceeded,
                                   EngineClosed, InvalidArgument, StaleUpdate, StorageError,
@@ -378,14 +378,6 @@ DIRECT_MIN = 64 * KiB        # smaller aligned runs go through the page cache (l
 _BOUNCE = 1 * MiB
 
 
-def _address(mv: memoryview) -> int | None:
-    """The address of a contiguous buffer's first byte (None if it cannot be had)."""
-    try:
-        return np.frombuffer(mv, np.uint8).ctypes.data if len(mv) else None
-    except (ValueError, TypeError, BufferError):
-        return None
-
-
 class _DirectIO:
     """Writes data runs of a chunk file with O_DIRECT where they cover whole aligned
     blocks, the rest through the page cache.
@@ -425,7 +417,7 @@ class _DirectIO:
         try:
             run = mv[head:head + mid]
             pos = offset + head
-            addr = _address(run)
+            addr = address(run)
             try:
                 if addr is not None and addr % DIRECT_ALIGN == 0:
                     _pwrite_full(dfd, run, pos)
@@ -452,7 +444,7 @@ class _DirectIO:
         n = len(dst)
         d = n - n % DIRECT_ALIGN
         if (not self.enabled or d < DIRECT_MIN or offset % DIRECT_ALIGN
-                or (_address(dst) or 1) % DIRECT_ALIGN):
+                or (address(dst) or 1) % DIRECT_ALIGN):
             return _preadv_full(fd, [dst], offset)
         dfd = self._open(path, os.O_RDONLY)
         if dfd is None:

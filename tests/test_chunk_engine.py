@@ -39,8 +39,11 @@ def rnd(n: int, rng=random) -> bytes:
 
 
 def chunk_files(eng: SyncChunkEngine) -> list[str]:
+    """The chunk data files (not the emptied ones kept for reuse)."""
     out = []
     for d in sorted(os.listdir(eng._chunks_dir)):
+        if d == "spare":
+            continue
         out += [os.path.join(eng._chunks_dir, d, f) for f in os.listdir(os.path.join(eng._chunks_dir, d))]
     return sorted(out)
 
@@ -423,6 +426,57 @@ def test_reopen_keeps_everything_and_collects_garbage(eng):
         eng.close()
 
 
+def spare_files(eng: SyncChunkEngine) -> list[str]:
+    d = os.path.join(eng._chunks_dir, "spare")
+    return sorted(os.path.join(d, f) for f in os.listdir(d))
+
+
+def test_new_chunk_files_are_spare_files_made_ahead(eng, monkeypatch):
+    rng = random.Random(21)
+    created = []
+    real_open = os.open
+
+    def counting_open(path, flags, *a, **kw):
+        if flags & os.O_CREAT and "/chunks/" in str(path):
+            created.append(path)
+        return real_open(path, flags, *a, **kw)
+
+    assert eng.make_spares(4) == 4 and eng.make_spares(4) == 0
+    assert [os.path.getsize(f) for f in spare_files(eng)] == [0] * 4
+    monkeypatch.setattr(os, "open", counting_open)
+    new = {cid(17, i): rnd(BS + 100, rng) for i in range(4)}
+    for c, data in new.items():
+        eng.prepare_write(c, 2 * BS, data, 1, 1)   # a hole before the data: reads as zeros
+        eng.commit(c, 1)
+    assert created == [] and eng.spare_files == 0 and spare_files(eng) == []   # four renames
+    for c, data in new.items():
+        assert eng.read(c, 0, MAXC)[0] == bytes(2 * BS) + data
+    c = cid(17, 0)
+    eng.prepare_write(c, 10, b"overwrite inside live data", 2, 1)   # a copy: no spare left
+    eng.commit(c, 2)
+    assert len(created) == 1
+    assert eng.read(c, 0, 100)[0] == bytes(10) + b"overwrite inside live data" + bytes(64)
+
+
+def test_spare_files_are_capped_and_survive_reopen_empty(eng, monkeypatch):
+    import flyfs.storage.chunk_engine as ce
+    monkeypatch.setattr(ce, "_SPARE_MAX", 2)
+    assert eng.make_spares(10) == 2 and eng.spare_files == 2
+    with open(spare_files(eng)[0], "wb") as f:   # never happens; opening still copes
+        f.write(b"junk" * 3000)
+    eng = reopen(eng)
+    try:
+        assert eng.spare_files == 2 and [os.path.getsize(f) for f in spare_files(eng)] == [0, 0]
+        for i in range(3):
+            c = cid(19, i)
+            eng.prepare_write(c, BS, b"data", 1, 1)
+            eng.commit(c, 1)
+            assert eng.read(c, 0, MAXC)[0] == bytes(BS) + b"data"
+        assert eng.spare_files == 0
+    finally:
+        eng.close()
+
+
 def test_corruption_is_an_error_not_data(eng):
     c = cid(15, 0)
     content = rnd(4 * BS)
@@ -558,6 +612,21 @@ async def test_async_facade_roundtrip(tmp_path):
         assert await e.remove([c, cid(20, 1)]) == 2
     with pytest.raises(EngineClosed, match="closed"):
         await e.read(c, 0, 1)
+
+
+async def test_async_engine_keeps_empty_files_ready_in_the_background(tmp_path):
+    import flyfs.storage.chunk_engine as ce
+    async with await ChunkEngine.open(str(tmp_path / "a"), block_size=BS, max_chunk_size=MAXC) as e:
+        deadline = time.monotonic() + 10
+        while e.sync.spare_files < ce._SPARE_LOW:
+            assert time.monotonic() < deadline, f"only {e.sync.spare_files} spare files after 10 s"
+            await asyncio.sleep(0.05)
+        assert len(spare_files(e.sync)) == ce._SPARE_LOW
+        await e.prepare_write(cid(20, 5), 0, b"abc", 1, 1)
+        await e.commit(cid(20, 5), 1)
+        assert e.sync.spare_files == ce._SPARE_LOW - 1 or e.sync.spare_files == ce._SPARE_LOW  # refilled
+        assert (await e.read(cid(20, 5), 0, 10))[0] == b"abc"
+    assert not e._spare_maker.is_alive()
 
 
 async def test_async_updates_of_one_chunk_serialize(tmp_path):

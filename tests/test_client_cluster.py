@@ -186,19 +186,22 @@ def test_closing_an_unwritten_file_does_not_wait_for_the_server(fly, fs):
     like FUSE's release), a written file's close waits for its length report."""
     core = fs._core()
     waited: list = []
-    real = core._s.meta.close
+    meta = core._s.meta
+    real_close, real_sync = meta.close, meta.sync
 
-    async def spy(*a, **kw):
-        waited.append(a[0])
-        return await real(*a, **kw)
-    core._s.meta.close = spy
+    def spying(real):
+        async def spy(*a, **kw):
+            waited.append(a[0])
+            return await real(*a, **kw)
+        return spy
+    meta.close, meta.sync = spying(real_close), spying(real_sync)   # close(), or flush()'s report
     try:
         with fs.open("/later-empty.bin", "wb"):
             pass
         with fs.open("/later-written.bin", "wb") as f:
             f.write(b"x")
     finally:
-        core._s.meta.close = real
+        meta.close, meta.sync = real_close, real_sync
     empty, written = fs.stat("/later-empty.bin"), fs.stat("/later-written.bin")
     assert waited == [written.st_ino] and written.st_size == 1 and empty.st_size == 0
     svc = fly._meta[2]
@@ -206,3 +209,55 @@ def test_closing_an_unwritten_file_does_not_wait_for_the_server(fly, fs):
     while fly.run(svc.list_sessions(empty.st_ino)):
         assert time.monotonic() < deadline, "the empty file's session never ended"
         time.sleep(0.01)
+
+
+def test_api_file_writes_are_write_behind_and_flush_waits_for_them(fly, fs):
+    """write() on an API file returns once the bytes are copied (the buffer may be reused
+    at once); flush() returns once they are on the chains; a write that fails after
+    write() returned is raised by close()."""
+    import asyncio
+    import errno
+    core = fs._core()
+    data_plane = core._s.data
+    real_write = data_plane.write
+    gate = asyncio.Event()
+    started: list = []
+
+    async def held(*a, **kw):
+        started.append(a[2])
+        await gate.wait()
+        return await real_write(*a, **kw)
+    data_plane.write = held
+    try:
+        f = fs.open("/behind.bin", "wb", buffering=0)
+        buf = bytearray(b"a" * (1 << 20))
+        assert f.write(buf) == len(buf)
+        buf[:] = b"b" * len(buf)                  # reused at once: what was written is kept
+        f.write(buf)
+        f.write(bytes(5 << 20))                   # past the write buffer: a write starts
+        deadline = time.monotonic() + 10
+        while not started:
+            assert time.monotonic() < deadline, "no write started"
+            time.sleep(0.01)
+        assert not gate.is_set()                  # write() returned with a data write held
+        fs._rt.loop.call_soon_threadsafe(gate.set)
+        f.flush()
+        assert fs.stat("/behind.bin").st_size == 7 << 20
+        f.close()
+    finally:
+        data_plane.write = real_write
+    got = fs.read_bytes("/behind.bin")
+    assert got[:1 << 20] == b"a" * (1 << 20) and got[1 << 20:2 << 20] == b"b" * (1 << 20)
+    assert got[2 << 20:] == bytes(5 << 20)
+
+    async def failing(*a, **kw):
+        raise OSError(errno.EIO, "storage refused")
+    data_plane.write = failing
+    try:
+        f = fs.open("/behind-fails.bin", "wb", buffering=0)
+        f.write(b"x" * 1000)                      # buffered: no error yet
+        with pytest.raises(OSError) as e:
+            f.close()
+        assert e.value.errno == errno.EIO
+    finally:
+        data_plane.write = real_write

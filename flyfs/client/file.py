@@ -3,10 +3,14 @@
 `RawFile` is an io.RawIOBase (readinto, write, seek, tell, truncate, flush,
 fsync); `open_file` wraps it like the built-in open(): BufferedReader,
 BufferedWriter or BufferedRandom for binary modes, TextIOWrapper for text.
-Modes r/w/a/x with + and b/t, as open(). Data written through a RawFile is
-on the storage chains when write() returns; the file length is reported to
-the metadata service on flush (through fsync()), on close, and
-periodically while writing.
+Modes r/w/a/x with + and b/t, as open(). Writes are write-behind, as the
+FUSE mount's (AsyncFileSystem.write_behind): write() copies the bytes into the
+file's write buffer and returns, contiguous writes are coalesced and several
+are in flight at once; flush(), fsync() and close() return once everything
+written is on the storage chains and its length reported to the metadata
+service, and raise a write that failed meanwhile (as close(2) on NFS does).
+Reads through the same client wait for the writes they overlap. O_APPEND
+writes are done one at a time (each needs the file's length).
 """
 from __future__ import annotations
 
@@ -110,10 +114,21 @@ class RawFile(io.RawIOBase):
         if self._h.append:
             n = self._fs._run_core("pwrite", self._h, mv, None)
             self._pos = self._h.size
+            return n
+        # write_buffered: appending to the write buffer needs no hop to the client loop
+        if self._fs.core.write_buffered(self._h, mv, self._pos):
+            n = len(mv)
         else:
-            n = self._fs._run_core("pwrite", self._h, mv, self._pos)
-            self._pos += n
+            n = self._fs._run_core("write_behind", self._h, mv, self._pos)
+        self._pos += n
         return n
+
+    def flush(self) -> None:
+        """Everything written is on the chains and its length reported (or the error)."""
+        if self.closed or self._h.closed:
+            return
+        if self._h.writable and self._fs.core.flush_needed(self._h):
+            self._fs._run_core("flush", self._h)
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         self._checkClosed()
@@ -143,7 +158,7 @@ class RawFile(io.RawIOBase):
         return size
 
     def fsync(self) -> None:
-        """Report the length to the metadata service (the data is already on the chains)."""
+        """Everything written on the chains and durable on their disks, the length reported."""
         self._checkClosed()
         self._fs._run_core("fsync", self._h)
 

@@ -214,7 +214,8 @@ def test_closing_an_unwritten_file_does_not_wait_for_the_server(fly, fs):
 def test_api_file_writes_are_write_behind_and_flush_waits_for_them(fly, fs):
     """write() on an API file returns once the bytes are copied (the buffer may be reused
     at once); flush() returns once they are on the chains; a write that fails after
-    write() returned is raised by close()."""
+    write() returned is raised by close(); a write of write_buffer bytes or more is
+    done before write() returns."""
     import asyncio
     import errno
     core = fs._core()
@@ -234,7 +235,8 @@ def test_api_file_writes_are_write_behind_and_flush_waits_for_them(fly, fs):
         assert f.write(buf) == len(buf)
         buf[:] = b"b" * len(buf)                  # reused at once: what was written is kept
         f.write(buf)
-        f.write(bytes(5 << 20))                   # past the write buffer: a write starts
+        for _ in range(5):                        # past the write buffer: a write starts
+            f.write(bytes(1 << 20))
         deadline = time.monotonic() + 10
         while not started:
             assert time.monotonic() < deadline, "no write started"
@@ -259,5 +261,9 @@ def test_api_file_writes_are_write_behind_and_flush_waits_for_them(fly, fs):
         with pytest.raises(OSError) as e:
             f.close()
         assert e.value.errno == errno.EIO
+        with fs.open("/direct-fails.bin", "wb", buffering=0) as f:
+            with pytest.raises(OSError) as e:
+                f.write(bytes(fs._config.write_buffer))   # large: written (and failed) at once
+            assert e.value.errno == errno.EIO
     finally:
         data_plane.write = real_write

@@ -9,8 +9,9 @@ file's write buffer and returns, contiguous writes are coalesced and several
 are in flight at once; flush(), fsync() and close() return once everything
 written is on the storage chains and its length reported to the metadata
 service, and raise a write that failed meanwhile (as close(2) on NFS does).
-Reads through the same client wait for the writes they overlap. O_APPEND
-writes are done one at a time (each needs the file's length).
+Reads through the same client wait for the writes they overlap. A write of
+at least `write_buffer` bytes, and an O_APPEND write (it needs the file's
+length), is done before write() returns, from the caller's buffer.
 """
 from __future__ import annotations
 
@@ -115,8 +116,11 @@ class RawFile(io.RawIOBase):
             n = self._fs._run_core("pwrite", self._h, mv, None)
             self._pos = self._h.size
             return n
+        if len(mv) >= self._fs._config.write_buffer:
+            # Large: written from the caller's buffer (no copy), its chunk pieces in parallel
+            n = self._fs._run_core("pwrite", self._h, mv, self._pos)
         # write_buffered: appending to the write buffer needs no hop to the client loop
-        if self._fs.core.write_buffered(self._h, mv, self._pos):
+        elif self._fs.core.write_buffered(self._h, mv, self._pos):
             n = len(mv)
         else:
             n = self._fs._run_core("write_behind", self._h, mv, self._pos)

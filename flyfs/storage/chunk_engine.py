@@ -119,6 +119,7 @@ _SPARE_MAX = 4096   # empty files made ahead per target, at most (see SyncChunkE
 _SPARE_LOW = 256    # ChunkEngine makes them in the background while fewer are ready
 _NO_SYNC = WriteOptions()
 _NO_SYNC.sync = False
+_FD_DIR = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else None
 
 
 def _hex(chunk_id: bytes) -> str:
@@ -1285,7 +1286,8 @@ class SyncChunkEngine:
                 got = _preadv_full(fd, [head, dst, tail], start)
             else:  # whole blocks straight into the caller's buffer (O_DIRECT when aligned)
                 # reopened through fd, not the path: the path may be dropped meanwhile
-                got = self._direct.read(f"/proc/self/fd/{fd}", fd, dst, start)
+                where = f"{_FD_DIR}/{fd}" if _FD_DIR else self._file(cid, c.seq)
+                got = self._direct.read(where, fd, dst, start)
         finally:
             os.close(fd)
         if got != end - start:

@@ -85,6 +85,7 @@ def test_graysort_on_flyfs_validates(fs, cluster):
 
 
 def test_graysort_cli_against_cluster(cluster, tmp_path, capsys):
+    used_before, replicas, _ = graysort._used_bytes(cluster.address)
     rc = graysort.main(["--cluster", cluster.address, "--records", "20k", "--partitions", "3",
                         "--workers", "1", "--local", str(tmp_path / "local"), "--dir", "/gs-cli"])
     out = capsys.readouterr().out
@@ -98,6 +99,9 @@ def test_graysort_cli_against_cluster(cluster, tmp_path, capsys):
         assert item in rows, item
         assert rows[item].rstrip().endswith("x"), rows[item]  # a ratio is printed
     assert rows["validation"].split()[1:3] == ["OK", "OK"]
+    # the local run started once flyfs had removed the run's input and intermediates
+    assert "flyfs's background removals done and a quiet machine again" in out
+    assert graysort._used_bytes(cluster.address)[0] <= used_before + 20_000 * 100 * replicas * 1.01 + (1 << 20)
     checksum = format(valsort.checksum(gensort.generate(0, 20_000)), "x")
     assert rows["output checksum"].split()[2:4] == [checksum, checksum]
     assert "flyfs / local total time:" in out

@@ -2,6 +2,7 @@
 
 import io
 import os
+import threading
 import zlib
 
 import numpy as np
@@ -265,3 +266,19 @@ def test_cli(tmp_path, capsys):
     assert "records=20,000" in out and "[phase2] 2/2 done" in out
     assert "validation               OK" in out
     assert "output checksum" in out
+
+
+def test_wait_quiet_waits_while_the_cpus_are_busy(tmp_path):
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            pass
+    t = threading.Thread(target=spin)
+    t.start()
+    try:   # one core always busy, above the threshold asked: never quiet, so it waits it out
+        assert graysort.wait_quiet(str(tmp_path / "not-yet"), timeout=1.5,
+                                   busy=0.5 / (os.cpu_count() or 1)) >= 1.5
+    finally:
+        stop.set()
+        t.join()

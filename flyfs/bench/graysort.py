@@ -42,6 +42,11 @@ With flyfs in the run, the output is the parameters, a progress bar per phase,
 a table of flyfs / local / ratio (time per phase, total, bytes/min and TiB/min,
 records/s, validation) and a profile per phase (see ``profile_rows``). The
 input, and so the checksum, depends only on the record count N.
+
+Each run starts on a quiet machine (``wait_quiet``: page cache written back,
+disk and CPUs idle), and the local run only once flyfs has removed the flyfs
+run's input and intermediate files (``settle``): neither run pays for work the
+other left behind.
 """
 
 from __future__ import annotations
@@ -913,6 +918,74 @@ class _Watch:
         print(f"  {self.label}: {phase} done in {seconds:.2f} s", flush=True)
 
 
+def _used_bytes(address: str) -> tuple[int, int, float]:
+    """(bytes the cluster's targets hold, the longest chain's length, the age in seconds
+    of the oldest storage heartbeat those bytes come from), from mgmtd."""
+    from flyfs.cluster import status
+    info = status.fetch(address)
+    ages = [n["last_heartbeat_ms"] / 1000 for n in info["nodes"] if n["type"] == "storage"]
+    return (sum(t["used_bytes"] for t in info["targets"]),
+            max((len(c["targets"]) for c in info["chains"]), default=1),
+            max(ages, default=0.0) if all(a >= 0 for a in ages) else float("inf"))
+
+
+def settle(address: str, before: int, keep_bytes: int, timeout: float = 60.0) -> float:
+    """Wait until the cluster at `address` holds at most `before` + `keep_bytes` x its
+    replicas (what the run leaves behind), i.e. flyfs has removed the run's input and
+    intermediate files in the background. Returns the seconds waited."""
+    t0 = time.monotonic()
+    while True:
+        used, replicas, age = _used_bytes(address)
+        # only figures every storage daemon reported after the run count
+        if age < time.monotonic() - t0 and used <= before + keep_bytes * replicas * 1.01 + (1 << 20):
+            break
+        if time.monotonic() - t0 > timeout:
+            print(f"flyfs: still {used - before:,} bytes above the start after {timeout:.0f} s",
+                  flush=True)
+            break
+        time.sleep(0.5)
+    return time.monotonic() - t0
+
+
+def wait_quiet(path: str, timeout: float = 30.0, busy: float = 0.2) -> float:
+    """Write the page cache back, then wait until the disk under `path` and the CPUs
+    are quiet: no sector written or discarded and nothing in flight on the disk, and
+    the CPUs busy less than `busy` of the time, over two half-second samples in a
+    row. Each run then starts without paying for work an earlier one left behind
+    (writeback, a cluster's background removals, discards of freed blocks,
+    compactions). Returns the seconds waited (up to `timeout`)."""
+    t0 = time.monotonic()
+    os.sync()
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    st = os.stat(path)
+    dev = f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/stat"
+
+    def sample() -> tuple[tuple[int, int] | None, int, int, int]:
+        disk, inflight = None, 0
+        try:
+            with open(dev) as f:
+                v = [int(x) for x in f.read().split()]
+            disk, inflight = (v[6], v[13] if len(v) > 13 else 0), v[8]  # sectors written, discarded
+        except (OSError, ValueError, IndexError):
+            pass  # no block device behind path (e.g. overlayfs): the CPUs alone decide
+        with open("/proc/stat") as f:
+            cpu = [int(x) for x in f.readline().split()[1:]]
+        return disk, inflight, sum(cpu), cpu[3] + cpu[4]  # all, idle + iowait
+
+    quiet = 0
+    prev = sample()
+    while quiet < 2 and time.monotonic() - t0 < timeout:
+        time.sleep(0.5)
+        cur = sample()
+        total, idle = cur[2] - prev[2], cur[3] - prev[3]
+        calm = cur[0] == prev[0] and cur[1] == 0 and total > 0 and (total - idle) / total < busy
+        quiet = quiet + 1 if calm else 0
+        prev = cur
+    return time.monotonic() - t0
+
+
 def _run_one(args: argparse.Namespace, fs_factory: Callable[[], Any], label: str,
              cluster: Any = None) -> tuple[Result, dict]:
     watch = _Watch(label, cluster)
@@ -1010,9 +1083,19 @@ def run_compare(args: argparse.Namespace) -> int:
                       f"{os.path.abspath(local_dir)}{' (temporary)' if temp_local else ''}"
                       f"{', fsync at close' if args.local_fsync else ''}",
                 cpus=os.cpu_count(), start_method=args.start_method)
+            # Each run starts on a quiet machine: nothing left to write back or remove.
+            disk_path = local_dir or tempfile.gettempdir()
+            print(f"waiting for a quiet machine: {wait_quiet(disk_path):.1f} s", flush=True)
+            used_before = _used_bytes(c.address)[0]
             fly, fly_cpu = _run_one(args, FlyfsFS(c.address, args.meta), "flyfs", c)
             local = None
             if not args.no_local:
+                # what the run leaves: its output; with --keep its input and intermediates too
+                kept = args.records * RECORD_SIZE * (3 if args.keep else 1)
+                waited = settle(c.address, used_before, kept)
+                waited += wait_quiet(disk_path)
+                print(f"flyfs's background removals done and a quiet machine again: {waited:.1f} s",
+                      flush=True)
                 os.makedirs(local_dir, exist_ok=True)
                 local, _ = _run_one(args, LocalFS(local_dir, fsync=args.local_fsync), "local")
                 if temp_local:

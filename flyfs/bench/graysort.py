@@ -929,17 +929,25 @@ def _used_bytes(address: str) -> tuple[int, int, float]:
             max(ages, default=0.0) if all(a >= 0 for a in ages) else float("inf"))
 
 
-def settle(address: str, before: int, keep_bytes: int, timeout: float = 60.0) -> float:
+def settle(address: str, before: int, keep_bytes: int, timeout: float = 60.0,
+           still: float = 6.0) -> float:
     """Wait until the cluster at `address` holds at most `before` + `keep_bytes` x its
-    replicas (what the run leaves behind), i.e. flyfs has removed the run's input and
-    intermediate files in the background. Returns the seconds waited."""
+    replicas (what the run leaves behind) and what its storage daemons report has not
+    changed for `still` seconds (longer than the metadata server's GC interval, 5 s):
+    flyfs has removed the run's input and intermediate files in the background, and
+    whatever else was queued for removal. Returns the seconds waited."""
     t0 = time.monotonic()
+    last, since = None, t0
     while True:
         used, replicas, age = _used_bytes(address)
+        now = time.monotonic()
+        if used != last:
+            last, since = used, now
         # only figures every storage daemon reported after the run count
-        if age < time.monotonic() - t0 and used <= before + keep_bytes * replicas * 1.01 + (1 << 20):
+        if (age < now - t0 and now - since >= still
+                and used <= before + keep_bytes * replicas * 1.01 + (1 << 20)):
             break
-        if time.monotonic() - t0 > timeout:
+        if now - t0 > timeout:
             print(f"flyfs: still {used - before:,} bytes above the start after {timeout:.0f} s",
                   flush=True)
             break

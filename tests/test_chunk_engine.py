@@ -614,6 +614,58 @@ async def test_async_facade_roundtrip(tmp_path):
         await e.read(c, 0, 1)
 
 
+def _evict(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_nowait_reads_only_from_memory(eng):
+    """read(nowait=True) serves bytes in the page cache and raises WouldBlock, touching
+    nothing but the buffer, for bytes that are not (then they are read on a thread)."""
+    from flyfs.storage.chunk_engine import WouldBlock
+    c = cid(21, 0)
+    data = rnd(5 * BS)
+    eng.prepare_write(c, 0, memoryview(data), 1, 1)
+    eng.commit(c, 1)
+    buf = bytearray(BS)
+    n, meta = eng.read(c, BS + 100, BS, buf, nowait=True)       # just written: cached
+    assert n == BS and buf == data[BS + 100:2 * BS + 100] and meta.commit_ver == 1
+    _evict(committed_file(eng, c))
+    with pytest.raises(WouldBlock):
+        eng.read(c, 3 * BS, BS, bytearray(BS), nowait=True)
+    assert eng.read(c, 3 * BS, BS, buf)[0] == BS and buf == data[3 * BS:4 * BS]
+    assert eng.read(c, 3 * BS, BS, buf, nowait=True)[0] == BS    # cached by the read before
+    with pytest.raises(ChunkNotFound):
+        eng.read(cid(21, 1), 0, 1, buf, nowait=True)
+
+
+async def test_async_small_reads_try_memory_first_then_an_engine_thread(tmp_path, monkeypatch):
+    from flyfs.storage.chunk_engine import WouldBlock
+    async with await ChunkEngine.open(str(tmp_path / "a"), block_size=BS, max_chunk_size=MAXC) as e:
+        c = cid(22, 0)
+        data = rnd(4 * BS)
+        await e.prepare_write(c, 0, memoryview(data), 1, 1)
+        await e.commit(c, 1)
+        ran, real_run = [], e._pool.run
+        monkeypatch.setattr(e._pool, "run", lambda fn: ran.append(fn) or real_run(fn))
+        buf = bytearray(BS)
+        assert (await e.read(c, BS, BS, buf))[0] == BS and buf == data[BS:2 * BS]
+        assert not ran                                  # cached: read on the loop
+        assert (await e.read(c, 0, 10))[0] == data[:10]  # no buffer given: an engine thread
+        assert len(ran) == 1
+
+        def blocked(*a, **kw):
+            raise WouldBlock()
+        monkeypatch.setattr(e, "read_now", blocked)
+        buf2 = bytearray(BS)
+        assert (await e.read(c, 2 * BS, BS, buf2))[0] == BS and buf2 == data[2 * BS:3 * BS]
+        assert len(ran) == 2
+
+
 async def test_async_engine_keeps_empty_files_ready_in_the_background(tmp_path):
     import flyfs.storage.chunk_engine as ce
     async with await ChunkEngine.open(str(tmp_path / "a"), block_size=BS, max_chunk_size=MAXC) as e:

@@ -140,7 +140,14 @@ def test_reads_fail_over_when_a_storage_node_stops(tmp_path):
         try:
             data = os.urandom(6 * CHUNK + 5)
             f.write_bytes("/survivor", data)
-            c.run(c.storage.stop_node(0))
+            with f.open("/survivor", "rb", buffering=0) as fh:
+                c.run(c.storage.stop_node(0))
+                # reads from the caller's thread (read_direct) to a replica that is gone
+                # fall back to the loop's batch reads, which fail over
+                buf = bytearray(4096)
+                for i in range(6):
+                    assert f.pread(fh, buf, i * CHUNK + 7) == 4096
+                    assert buf == data[i * CHUNK + 7:i * CHUNK + 7 + 4096]
             assert f.read_bytes("/survivor") == data
             buf = bytearray(CHUNK)
             assert f.pread("/survivor", buf, 2 * CHUNK) == CHUNK and buf == data[2 * CHUNK:3 * CHUNK]
@@ -148,6 +155,67 @@ def test_reads_fail_over_when_a_storage_node_stops(tmp_path):
             f.close()
     finally:
         c.stop()
+
+
+# ---- reads from the caller's thread -------------------------------------------------------------------------
+
+def test_small_reads_go_from_the_callers_thread(fly, fs):
+    """pread/readinto within one chunk of an open file: one blocking request from the
+    calling thread (FileSystem._pread -> pread_direct), no coroutine on the client loop;
+    reads across chunks, of a file with our writes pending, go through the loop."""
+    import random
+    from flyfs.client.file import handle_of
+    core = fs._core()
+    data = os.urandom(5 * CHUNK + 100)
+    fs.write_bytes("/direct.bin", data)
+    blocking = core._s.data.storage.blocking
+    calls = {"direct": 0, "loop": 0}
+    real_call, real_pread_into = blocking.call, core.pread_into
+
+    def direct(*a, **kw):
+        calls["direct"] += 1
+        return real_call(*a, **kw)
+
+    async def loop(*a, **kw):
+        calls["loop"] += 1
+        return await real_pread_into(*a, **kw)
+    blocking.call, core.pread_into = direct, loop
+    try:
+        rng = random.Random(5)
+        with fs.open("/direct.bin", "rb", buffering=0) as f:
+            buf = bytearray(4096)
+            for _ in range(30):
+                off = rng.randrange(len(data))
+                off -= max(0, off % CHUNK + 4096 - CHUNK)     # within one chunk
+                n = fs.pread(f, buf, off)
+                assert bytes(buf[:n]) == data[off:off + 4096]
+            assert calls == {"direct": 30, "loop": 0}
+            tail = bytearray(b"\xff" * 4096)                    # short read at the end of the file
+            assert fs.pread(f, tail, len(data) - 100) == 100 and tail[:100] == data[-100:]
+            assert fs.pread(f, tail, len(data) + 5) == 0
+            f.seek(CHUNK - 10)
+            assert f.read(10) == data[CHUNK - 10:CHUNK]          # readinto, one chunk
+            assert calls == {"direct": 32, "loop": 0}
+            across = bytearray(100)
+            assert fs.pread(f, across, CHUNK - 50) == 100 and across == data[CHUNK - 50:CHUNK + 50]
+            assert calls["loop"] == 1
+        with fs.open("/direct.bin", "r+b", buffering=0) as f:
+            f.seek(10)
+            f.write(b"NEW")                                   # buffered in the client
+            got = bytearray(16)
+            h = handle_of(f)          # (a file object would be flushed first)
+            assert h.state.buffered
+            assert fs.pread(h, got, 8) == 16 and bytes(got) == data[8:10] + b"NEW" + data[13:24]
+            assert calls["loop"] == 2
+        # a hole reads as zeros through the direct path too
+        fs.truncate("/direct.bin", 20 * CHUNK)
+        with fs.open("/direct.bin", "rb", buffering=0) as f:
+            hole = bytearray(b"\xff" * 4096)
+            before = calls["direct"]
+            assert fs.pread(f, hole, 15 * CHUNK) == 4096 and hole == bytes(4096)
+            assert calls["direct"] == before + 1 and calls["loop"] == 2
+    finally:
+        blocking.call, core.pread_into = real_call, real_pread_into
 
 
 # ---- fsync -----------------------------------------------------------------------------------------------

@@ -600,3 +600,68 @@ async def test_lagging_stuck_and_ahead_replicas_are_repaired_by_full_chunks(clus
     for t in chain.target_ids:
         r, got = await sc.read_target(t, ReadPiece(c, 40, 0, 0, 2000))
         assert r.status.code == SC.OK and got == model
+
+
+async def test_small_cached_reads_are_answered_inline(cluster):
+    """A batch read of one small piece whose bytes are in the page cache is answered on
+    the daemon's loop with no task (StorageServer._inline, ChunkEngine.read_now); bytes
+    not in memory go to the engine threads. Same answers either way: data, holes,
+    checksum mismatches."""
+    sc = cluster.client()
+    info = await cluster.routing()
+    chain = info.chains[info.table(1)[0]]
+    c = chain.chain_id
+    data = os.urandom(300_000)
+    await sc.write(c, 12, 0, 0, data, chunk_size=CS)
+    first = craq.read_order(readable_targets(chain), 12 * 7919)[0]
+    server = cluster.nodes[cluster.node_of_target(first, info)].server
+    target = server.targets[first]
+    answered, declined, pool_runs = [], [], []     # pool_runs: work on the engine threads
+    real_inline, real_run = server._server.inline, target.engine._pool.run
+
+    def inline(req):
+        resp = real_inline(req)
+        (declined if resp is None else answered).append(req.method)
+        return resp
+
+    def run(fn):
+        pool_runs.append(fn)
+        return real_run(fn)
+    server._server.inline, target.engine._pool.run = inline, run
+    try:
+        # Written with O_DIRECT, so not in the page cache: the first read of a block is
+        # declined inline (its no-wait attempt starts the disk read) and done by the
+        # handler, which leaves the block cached; the next is answered inline.
+        for _ in range(2):
+            r, got = await sc.read_target(first, ReadPiece(c, 12, 0, 70_000, 4096))
+            assert r.status.code == SC.OK and got == data[70_000:74_096]
+        assert declined == [S.STORAGE_BATCH_READ] and answered == [S.STORAGE_BATCH_READ]
+        answered.clear(), declined.clear(), pool_runs.clear()
+        r, got = await sc.read_target(first, ReadPiece(c, 12, 0, 66_000, 4096))
+        assert r.status.code == SC.OK and got == data[66_000:70_096]
+        assert answered == [S.STORAGE_BATCH_READ] and not pool_runs
+        r, got = await sc.read_target(first, ReadPiece(c, 12, 5, 0, 4096))   # no such chunk
+        assert r.status.code == SC.NOT_FOUND and len(answered) == 2
+        # evicted from the page cache: the engine threads read it
+        os.sync()
+        for path in _chunk_files(target.path, 12, 0):
+            fd = os.open(path, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+        r, got = await sc.read_target(first, ReadPiece(c, 12, 0, 200_000, 4096))
+        assert r.status.code == SC.OK and got == data[200_000:204_096]
+        assert declined == [S.STORAGE_BATCH_READ]
+        # a flipped byte: the inline answer is a checksum mismatch, and the client reads around it
+        (path,) = _chunk_files(target.path, 12, 0)
+        with open(path, "r+b") as f:
+            f.seek(10)
+            b = f.read(1)
+            f.seek(10)
+            f.write(bytes([b[0] ^ 1]))
+        for _ in range(2):     # (the first may find part of the block on disk)
+            r, _ = await sc.read_target(first, ReadPiece(c, 12, 0, 0, 4096))
+            assert r.status.code == SC.CHECKSUM_MISMATCH
+        assert answered[-1] == S.STORAGE_BATCH_READ and len(answered) >= 3
+        assert await sc.read(c, 12, 0, 0, 4096) == data[:4096]
+    finally:
+        server._server.inline, target.engine._pool.run = real_inline, real_run

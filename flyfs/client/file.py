@@ -86,7 +86,7 @@ class RawFile(io.RawIOBase):
         self._checkClosed()
         if not self._h.readable:
             raise io.UnsupportedOperation("File not open for reading")
-        n = self._fs._run_core("pread_into", self._h, b, self._pos)
+        n = self._fs._pread(self._h, b, self._pos)
         self._pos += n
         return n
 

@@ -1181,6 +1181,27 @@ class AsyncFileSystem:
                 raise _with_path(e, h.path) from None
         return n
 
+    def pread_direct(self, h: Handle, buf, offset: int) -> int | None:
+        """pread_into in the calling thread, with no hop to the event loop (thread-safe),
+        for a read within one chunk of a file with none of our writes pending and
+        its length known. None where that does not apply or did not work: then
+        call pread_into, which also retries and fails over."""
+        st = h.state
+        if h.closed or not h.readable or offset < 0 or st.buffered or st.inflight or st.error is not None:
+            return None
+        mv = memoryview(buf).cast("B")
+        size = st.size
+        if offset + len(mv) > size and not st.unreported and \
+                time.monotonic() - h.node_at > self._s.config.size_revalidate:
+            return None   # may have grown: _known_size asks the metadata service
+        n = max(0, min(len(mv), size - offset))
+        if not n:
+            return 0
+        direct = getattr(self._s.data, "read_direct", None)
+        if direct is None or not direct(h.ino, h.layout, offset, mv[:n]):
+            return None
+        return n
+
     async def pread(self, h: Handle, length: int, offset: int) -> bytes:
         buf = bytearray(length)
         n = await self.pread_into(h, buf, offset)
@@ -1483,6 +1504,12 @@ class FileSystem:
         core = self._core()
         return self._rt.run(getattr(core, name)(*args, **kw), self._config.op_timeout)
 
+    def _pread(self, h: Handle, buf, offset: int) -> int:
+        """pread_into from this thread when it can (pread_direct), else on the loop."""
+        core = self._core()
+        n = core.pread_direct(h, buf, offset)
+        return n if n is not None else self._rt.run(core.pread_into(h, buf, offset), self._config.op_timeout)
+
     def _run(self, coro_fn, *args):
         """Run `coro_fn(core, *args)` on the loop (several core calls in one hop)."""
         core = self._core()
@@ -1620,6 +1647,8 @@ class FileSystem:
         with `flags` for the call and closed after it."""
         h = self._handle(path_or_file)
         if h is not None:
+            if op == "pread_into":
+                return self._pread(h, *args)
             return self._run_core(op, h, *args)
 
         async def go(core: AsyncFileSystem):

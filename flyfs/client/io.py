@@ -22,6 +22,7 @@ __all__ = ["Piece", "chain_of", "split", "by_chain", "chunk_span", "gather_limit
 T = TypeVar("T")
 
 MAX_INFLIGHT = 64  # chunk requests in flight per operation
+DIRECT_READ_MAX = 1 << 20  # reads up to this size may go from the caller's thread (read_direct)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +157,20 @@ class DataPlane:
     async def read(self, ino: int, layout, offset: int, buf: memoryview) -> None:
         """Fill `buf` with the file's bytes from `offset` (holes and gaps read as zeros)."""
         await self.read_many([(ino, layout, offset, buf)])
+
+    def read_direct(self, ino: int, layout, offset: int, buf: memoryview) -> bool:
+        """`read`, in the calling thread without the event loop, for a range within one
+        chunk of at most DIRECT_READ_MAX bytes; False (try `read`) where it did not apply
+        or did not work. Thread-safe."""
+        direct = getattr(self.storage, "read_direct", None)
+        if direct is None or not 0 < len(buf) <= DIRECT_READ_MAX:
+            return False
+        pieces = split(layout, offset, len(buf))
+        if len(pieces) != 1:
+            return False
+        from .storage_client import ReadPiece
+        p = pieces[0]
+        return direct(ReadPiece(p.chain, ino, p.index, p.chunk_offset, p.length, buf)) is not None
 
     async def read_many(self, plan: Sequence[tuple[int, object, int, memoryview]]) -> None:
         """Several (inode, layout, offset, buffer) reads as one batch: all pieces in flight together."""

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from crc32c import crc32c
+from google.protobuf.message import DecodeError
 
 from flyfs import net
 from flyfs.cluster.chain_state import Chain, PublicState, head, readable_targets
@@ -129,8 +130,10 @@ class StorageClient:
         self.max_inflight = max_inflight
         self._seq = itertools.count(1)
         self._refreshing: asyncio.Task | None = None
+        self.blocking = net.BlockingPool(connect_timeout=self.pool.connect_timeout)
 
     async def close(self) -> None:
+        self.blocking.close()
         if self._own_pool:
             await self.pool.close()
         if self._own_mgmtd:
@@ -415,6 +418,42 @@ class StorageClient:
         if into is not None:
             return n
         return bytes(buf[:n])
+
+    def read_direct(self, piece: ReadPiece) -> int | None:
+        """Read one piece in the calling thread over a blocking connection (no event
+        loop; thread-safe), from the SERVING replica batch_read would ask first.
+        Returns the chunk bytes read (the rest of the piece is zeros), or None where
+        that did not work: no routing cached yet, a transport error, any answer but
+        data or "no such chunk". Then use batch_read, which retries and fails over."""
+        routing = self.mgmtd.cached_routing
+        if routing is None:
+            return None
+        chain = routing.chains.get(piece.chain_id)
+        readers = readable_targets(chain) if chain is not None else ()
+        if not readers:
+            return None
+        target = craq.read_order(readers, piece.inode * 7919 + piece.index, ())[0]
+        try:
+            address = routing.address_of(target)
+        except KeyError:
+            return None
+        req = S.BatchReadRequest(header=self._header(), pieces=[S.ReadPiece(
+            chain_id=piece.chain_id, chain_version=chain.version,
+            chunk=S.ChunkId(inode=piece.inode, index=piece.index), offset=piece.offset,
+            length=piece.length)])
+        try:
+            header, n = self.blocking.call(address, S.STORAGE_BATCH_READ, req.SerializeToString(),
+                                           into=piece.buffer, timeout=self.timeout)
+            reply = S.BatchReadReply.FromString(header)
+        except (net.TransportError, DecodeError) as e:
+            log.debug("direct read from target %d failed: %s", target, e)
+            return None
+        if reply.status.code != SC.OK or len(reply.results) != 1 or n != piece.length:
+            return None
+        r = reply.results[0]
+        if r.status.code == SC.OK:
+            return r.length
+        return 0 if r.status.code == SC.NOT_FOUND else None
 
     async def batch_read(self, pieces: Sequence[ReadPiece]) -> list[int]:
         """Read every piece into its buffer; returns, per piece, how many bytes came from

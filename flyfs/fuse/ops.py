@@ -41,6 +41,7 @@ Limits of libfuse 2 / fuse-python, measured or read in its C glue:
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import logging
@@ -77,11 +78,32 @@ def _errno(e: BaseException) -> int:
     return errno.EIO
 
 
+_kept: set[int] = set()
+
+
+def keep_thread_state() -> None:
+    """Keep this FUSE worker thread's Python thread state from one request to the next.
+
+    fuse-python wraps every callback in PyGILState_Ensure/Release, and for a
+    thread Python did not start, Release deletes the thread state (and frees
+    its frame stack) each time: every request then pays for a fresh one
+    (an mmap, munmap and gettid per request, measured with strace) and loses
+    its thread-locals. One extra Ensure, never released, keeps it. A thread
+    libfuse ends leaves its small state behind, as an exiting thread that Python
+    did not start does anyway."""
+    ident = threading.get_ident()
+    if ident not in _kept:
+        ctypes.pythonapi.PyGILState_Ensure()
+        _kept.add(ident)
+
+
 def guard(fn):
     """Return -errno for a failure (fuse-python's own wrapper turns only OSError with an errno
     into one; anything else would become EINVAL)."""
     @functools.wraps(fn)
     def wrapper(*args, **kw):
+        if threading.get_ident() not in _kept:
+            keep_thread_state()
         try:
             return fn(*args, **kw)
         except OSError as e:
@@ -469,7 +491,9 @@ def _file_class(ops: FlyFuse):
                 if data is not None:
                     return data
             buf = bytearray(size)
-            n = self._run("pread_into", self.h, buf, offset)
+            n = self.core.pread_direct(self.h, buf, offset)
+            if n is None:
+                n = self._run("pread_into", self.h, buf, offset)
             # a slice, not `del buf[n:]`: a view the storage client took may still be alive
             return bytes(buf) if n == size else bytes(memoryview(buf)[:n])
 

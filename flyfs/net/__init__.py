@@ -12,9 +12,15 @@ Client::
     reply = await pool.call(address, method, header, payload=(), into=None, timeout=10.0)
     await pool.close()
 
+Blocking, from the caller's thread (small reads without a hop to an event loop)::
+
+    bp = net.BlockingPool()
+    header, n = bp.call(address, method, header, into=buf, timeout=10.0)
+
 Transports: tcp (here), shm and rdma later behind the same interface.
 Errors: TransportError and its subclasses RequestTimeout, ProtocolError, RemoteError.
 """
+from .blocking import BlockingPool
 from .buffers import BufferPool
 from .frame import (MAX_HEADER, MAX_PAYLOAD, ProtocolError, RemoteError, Reply, Request,
                     RequestTimeout, Response, TransportError)
@@ -23,7 +29,7 @@ from .rdma import rdma_available
 from .tcp import Server, serve
 
 __all__ = [
-    "serve", "Server", "ConnectionPool", "BufferPool", "Request", "Response", "Reply",
+    "serve", "Server", "ConnectionPool", "BlockingPool", "BufferPool", "Request", "Response", "Reply",
     "TransportError", "RequestTimeout", "ProtocolError", "RemoteError",
     "MAX_HEADER", "MAX_PAYLOAD", "parse_address", "rdma_available",
 ]

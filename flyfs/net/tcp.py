@@ -31,6 +31,7 @@ __all__ = ["Server", "serve", "ClientConnection", "connect", "format_address"]
 log = logging.getLogger("flyfs.net")
 
 Handler = Callable[[Request], Awaitable[Response]]
+InlineHandler = Callable[[Request], "Response | None"]
 
 _EMPTY = memoryview(b"")
 _JOIN_LIMIT = 64 << 10          # below this a frame is joined and written in one call
@@ -277,6 +278,16 @@ class _ServerConnection(_Connection):
                 self._send(FLAG_RESPONSE | FLAG_ERROR, fh.method, fh.request_id, _error_text(exc), [], 0)
                 return
         req = Request(fh.method, header, payload, self._peer, fh.request_id, reply_buffer)
+        inline = self._server.inline
+        if inline is not None and not self._paused:
+            try:
+                resp = inline(req)
+            except Exception as exc:
+                self._fail(req, exc)
+                return
+            if resp is not None:
+                self._respond(req, resp)
+                return
         task = self._loop.create_task(self._run(req))
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -292,9 +303,26 @@ class _ServerConnection(_Connection):
             self._transport.resume_reading()
 
     async def _run(self, req: Request) -> None:
+        try:
+            resp = await self._server.handler(req)
+        except (Exception, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError) and asyncio.current_task().cancelling():
+                raise   # this task is being cancelled: connection lost or server closing
+            self._fail(req, exc)
+            return
+        self._respond(req, resp)
+        if self._paused and self.is_open:
+            await self._drain()
+
+    def _fail(self, req: Request, exc: BaseException) -> None:
+        log.warning("net: handler for method %d from %s raised %r", req.method, req.peer,
+                    exc, exc_info=log.isEnabledFor(logging.DEBUG))
+        if self.is_open:
+            self._send(FLAG_RESPONSE | FLAG_ERROR, req.method, req.request_id, _error_text(exc), [], 0)
+
+    def _respond(self, req: Request, resp) -> None:
         server = self._server
         try:
-            resp = await server.handler(req)
             if not isinstance(resp, Response):
                 raise TypeError(f"handler returned {type(resp).__name__}, expected net.Response")
             header = resp.header if type(resp.header) is bytes else bytes(resp.header)
@@ -303,14 +331,8 @@ class _ServerConnection(_Connection):
                 raise ProtocolError(
                     f"response too large: header {len(header)} bytes, payload {total} bytes "
                     f"(limits {server.max_header}, {server.max_payload})")
-        except (Exception, asyncio.CancelledError) as exc:
-            if isinstance(exc, asyncio.CancelledError) and asyncio.current_task().cancelling():
-                raise   # this task is being cancelled: connection lost or server closing
-            log.warning("net: handler for method %d from %s raised %r", req.method, req.peer,
-                        exc, exc_info=log.isEnabledFor(logging.DEBUG))
-            if self.is_open:
-                self._send(FLAG_RESPONSE | FLAG_ERROR, req.method, req.request_id,
-                           _error_text(exc), [], 0)
+        except Exception as exc:
+            self._fail(req, exc)
             return
         if self.is_open:
             rb = req.reply_buffer
@@ -320,8 +342,6 @@ class _ServerConnection(_Connection):
                            [_U64.pack(total)], _U64.size)
                 return
             self._send(FLAG_RESPONSE, req.method, req.request_id, header, payload, total)
-            if self._paused:
-                await self._drain()
 
     def _lost(self) -> None:
         self._server._conns.discard(self)
@@ -334,8 +354,9 @@ class Server:
 
     def __init__(self, handler: Handler, *, max_header: int = MAX_HEADER,
                  max_payload: int = MAX_PAYLOAD, max_inflight: int = _DEFAULT_MAX_INFLIGHT,
-                 buffers: BufferPool | None = None):
+                 buffers: BufferPool | None = None, inline: InlineHandler | None = None):
         self.handler = handler
+        self.inline = inline    # tried first, on the loop: a Response, or None to run `handler`
         self.buffers = buffers  # request payloads come from here (default: a fresh bytearray each)
         self.max_header = max_header
         self.max_payload = max_payload
@@ -387,7 +408,7 @@ class Server:
 async def serve(handler: Handler, host: str = "127.0.0.1", port: int = 0, *,
                 max_header: int = MAX_HEADER, max_payload: int = MAX_PAYLOAD,
                 max_inflight: int = _DEFAULT_MAX_INFLIGHT, backlog: int = 1024,
-                buffers: BufferPool | None = None) -> Server:
+                buffers: BufferPool | None = None, inline: InlineHandler | None = None) -> Server:
     """Listen on host:port (0 picks a free port) and serve `handler` for every request.
 
     Requests on a connection run concurrently (at most max_inflight at once,
@@ -395,10 +416,14 @@ async def serve(handler: Handler, host: str = "127.0.0.1", port: int = 0, *,
     caller. A connection sending a bad or oversized frame is dropped alone.
     With `buffers`, request payloads are taken from that pool (a handler's
     payload memoryview stays valid for as long as anything references it).
+    `inline(req)`, when given, runs first for every request, synchronously on the
+    loop, and answers with a Response or None (then `handler` runs as a task):
+    for requests cheap enough that a task of their own would cost more than
+    their work (small reads from memory). It must never block.
     """
     loop = asyncio.get_running_loop()
     server = Server(handler, max_header=max_header, max_payload=max_payload,
-                    max_inflight=max_inflight, buffers=buffers)
+                    max_inflight=max_inflight, buffers=buffers, inline=inline)
     server._server = await loop.create_server(
         lambda: _ServerConnection(server), host, port, backlog=backlog, reuse_address=True)
     sockname = server._server.sockets[0].getsockname()

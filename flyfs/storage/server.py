@@ -50,7 +50,7 @@ from flyfs.cluster.chain_state import Chain, PublicState
 from flyfs.cluster.mgmtd_client import MgmtdClient, MgmtdError, NODE_STORAGE, RoutingInfo
 from flyfs.proto import common_pb2, storage_pb2
 from flyfs.storage import craq
-from flyfs.storage.chunk_engine import ChunkEngine, ChunkMeta
+from flyfs.storage.chunk_engine import NOWAIT_MAX, ChunkEngine, ChunkMeta, WouldBlock
 from flyfs.storage.errors import (ChunkCorrupted, ChunkNotCommitted, ChunkNotFound, StorageError,
                                   VersionError)
 from flyfs.storage.resync import resync_loop
@@ -106,6 +106,20 @@ class StatusError(Exception):
 
 
 meta_to_proto = craq.meta_to_proto
+
+
+@contextlib.contextmanager
+def _read_errors(role: craq.Role, any_state: bool):
+    """Engine read errors as the StatusError a reader gets."""
+    try:
+        yield
+    except ChunkNotFound as e:
+        raise StatusError(SC.NOT_FOUND, str(e)) from None
+    except ChunkNotCommitted as e:
+        if role.is_read_tail and not any_state:
+            # The tail's committed state is the chain's truth: nothing committed yet.
+            raise StatusError(SC.NOT_FOUND, str(e)) from None
+        raise StatusError(SC.NOT_COMMITTED, str(e)) from None
 
 
 def _cid(c: S.ChunkId) -> bytes:
@@ -290,7 +304,7 @@ class StorageServer:
         try:
             await self._open_targets()
             self._server = await net.serve(self._handle, self._listen_host, self._listen_port,
-                                           buffers=self._buffers)
+                                           buffers=self._buffers, inline=self._inline)
             await self._register()
             await self._refresh_routing(force=True)
             await self._heartbeat_once()
@@ -628,30 +642,30 @@ class StorageServer:
     async def _route(self, chain_id: int, chain_version: int, *, check_version: bool = True
                      ) -> tuple[Target, craq.Role]:
         """The local target of `chain_id` and its role, after the chain version check."""
-        for attempt in (0, 1):
+        chain = self.routing.chains.get(chain_id) if self.routing else None
+        if chain is None or (check_version and chain_version > chain.version):
+            try:
+                await self._refresh_routing()
+            except MgmtdError as e:   # answer from what we know
+                log.debug("routing refresh failed: %s", e)
             chain = self.routing.chains.get(chain_id) if self.routing else None
-            if chain is None or (check_version and chain_version > chain.version):
-                if attempt == 0:
-                    try:
-                        await self._refresh_routing()
-                    except MgmtdError as e:   # answer from what we know
-                        log.debug("routing refresh failed: %s", e)
-                    continue
-                if chain is None:
-                    raise StatusError(SC.STALE_ROUTING, f"chain {chain_id} is unknown to storage node "
-                                      f"{self.node_id}")
-            break
+            if chain is None:
+                raise StatusError(SC.STALE_ROUTING, f"chain {chain_id} is unknown to storage node "
+                                  f"{self.node_id}")
+        return self._route_in(chain, chain_version, check_version)
+
+    def _route_in(self, chain: Chain, chain_version: int, check_version: bool) -> tuple[Target, craq.Role]:
         target = self._local_target(chain)
         if target is None or target.role is None:
             raise StatusError(SC.STALE_ROUTING, f"storage node {self.node_id} holds no target of "
-                              f"chain {chain_id}")
+                              f"chain {chain.chain_id}")
         if check_version:
             check = craq.check_chain_version(chain_version, chain.version)
             if check is craq.ChainCheck.STALE:
-                raise StatusError(SC.STALE_ROUTING, f"stale routing: chain {chain_id} is at version "
+                raise StatusError(SC.STALE_ROUTING, f"stale routing: chain {chain.chain_id} is at version "
                                   f"{chain.version}, the request has {chain_version}")
             if check is craq.ChainCheck.BEHIND:
-                raise StatusError(SC.STALE_ROUTING, f"target {target.target_id} has chain {chain_id} "
+                raise StatusError(SC.STALE_ROUTING, f"target {target.target_id} has chain {chain.chain_id} "
                                   f"at version {chain.version}, older than the request's "
                                   f"{chain_version}; retry shortly")
         return target, target.role
@@ -1094,25 +1108,61 @@ class StorageServer:
 
     async def _read_piece(self, p: S.ReadPiece, slot: memoryview, any_state: bool) -> S.ReadResult:
         target, role = await self._route(p.chain_id, p.chain_version, check_version=not any_state)
+        self._check_readable(target, role, any_state)
+        cid = _cid(p.chunk)
+        t = time.perf_counter()
+        with _read_errors(role, any_state):
+            n, meta = await target.engine.read(cid, p.offset, p.length, slot)
+        self.phases.add("read.engine", t)
+        return self._read_result(cid, target, role, n, meta, any_state)
+
+    @staticmethod
+    def _check_readable(target: Target, role: craq.Role, any_state: bool) -> None:
         if not any_state and not role.readable:
             raise StatusError(SC.NOT_SERVING, f"target {target.target_id} of chain {role.chain_id} is "
                               f"{role.state.name if role.state else 'not a member'}, not serving reads")
-        cid = _cid(p.chunk)
-        t = time.perf_counter()
-        try:
-            n, meta = await target.engine.read(cid, p.offset, p.length, slot)
-        except ChunkNotFound as e:
-            raise StatusError(SC.NOT_FOUND, str(e)) from None
-        except ChunkNotCommitted as e:
-            if role.is_read_tail and not any_state:
-                # The tail's committed state is the chain's truth: nothing committed yet.
-                raise StatusError(SC.NOT_FOUND, str(e)) from None
-            raise StatusError(SC.NOT_COMMITTED, str(e)) from None
-        self.phases.add("read.engine", t)
+
+    @staticmethod
+    def _read_result(cid: bytes, target: Target, role: craq.Role, n: int, meta: ChunkMeta,
+                     any_state: bool) -> S.ReadResult:
         if meta.has_pending and not role.is_read_tail and not any_state:
             raise StatusError(SC.NOT_COMMITTED, f"chunk {_hexid(cid)} has a pending version "
                               f"{meta.update_ver} on target {target.target_id}; read from the tail")
         return S.ReadResult(length=n, commit_version=meta.commit_ver, chunk_length=meta.length)
+
+    def _inline(self, req: net.Request) -> net.Response | None:
+        """A batch read of one small piece whose bytes are in the page cache, answered on
+        the loop with no task of its own (net.serve's `inline`); None (run `_handle`)
+        for everything else: other methods, a routing refresh needed, bytes on disk."""
+        if req.method != S.STORAGE_BATCH_READ or req.reply_buffer is not None or self.routing is None:
+            return None
+        try:
+            msg = S.BatchReadRequest.FromString(req.header)
+        except (DecodeError, ValueError):
+            return None     # _handle answers with the error
+        if len(msg.pieces) != 1 or not 0 < msg.pieces[0].length <= NOWAIT_MAX:
+            return None
+        p = msg.pieces[0]
+        any_state = msg.allow_any_state
+        chain = self.routing.chains.get(p.chain_id)
+        if chain is None or (not any_state and p.chain_version > chain.version):
+            return None
+        buf = self._buffers.get(p.length)
+        try:
+            target, role = self._route_in(chain, p.chain_version, not any_state)
+            self._check_readable(target, role, any_state)
+            cid = _cid(p.chunk)
+            with _read_errors(role, any_state):
+                n, meta = target.engine.read_now(cid, p.offset, p.length, buf)
+            result = self._read_result(cid, target, role, n, meta, any_state)
+        except WouldBlock:
+            return None
+        except (StatusError, StorageError) as e:
+            text = e.message if isinstance(e, StatusError) else str(e)
+            result, n = S.ReadResult(status=common_pb2.Status(code=e.code, message=text)), 0
+        if n < p.length:
+            buf[n:p.length] = 0     # pooled memory: never send stale bytes
+        return net.Response(S.BatchReadReply(results=[result]).SerializeToString(), (buf,))
 
     async def _on_query_last_chunk(self, msg: S.QueryLastChunkRequest, payload: memoryview):
         target, role = await self._route(msg.chain_id, msg.chain_version)

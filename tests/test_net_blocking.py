@@ -62,9 +62,12 @@ class LoopServer:
         self.loop.close()
 
 
-@pytest.fixture
-def srv():
+@pytest.fixture(params=["local", "tcp"])
+def srv(request, monkeypatch):
+    """The server, reached over its same-host Unix socket or over TCP."""
+    monkeypatch.setenv("FLYFS_LOCAL_SOCKETS", "1" if request.param == "local" else "0")
     s = LoopServer()
+    assert s.server.local == (request.param == "local")
     yield s
     s.close()
 

@@ -1,4 +1,7 @@
-"""TCP data-plane tests: real loopback sockets, under the default loop and uvloop."""
+"""TCP data-plane tests: real loopback sockets, under the default loop and uvloop.
+
+The same-host Unix sockets are off here (every test speaks TCP) except in the
+tests named `local_socket`, which turn them on."""
 import asyncio
 import hashlib
 import logging
@@ -16,6 +19,11 @@ from flyfs.net.pool import parse_address
 from flyfs.net.rdma import rdma_available
 
 ECHO, BLOB, SLOW, FAIL, HASH = 1, 2, 3, 4, 5
+
+
+@pytest.fixture(autouse=True)
+def tcp_only(monkeypatch):
+    monkeypatch.setenv("FLYFS_LOCAL_SOCKETS", "0")
 
 
 @pytest.fixture(params=["asyncio", "uvloop"])
@@ -139,6 +147,53 @@ def test_request_sees_peer_and_id(run):
         assert seen[0].peer.startswith("127.0.0.1:") and seen[0].peer == seen[1].peer
         assert bytes(seen[0].payload) == b"payload" and seen[1].payload.nbytes == 0
         assert seen[0].request_id != seen[1].request_id
+    run(body)
+
+
+def test_local_socket_same_frames_and_tcp_fallback(run, monkeypatch):
+    """With local sockets on, a client on the server's host talks over its abstract Unix
+    socket (same frames, same results); a server without one is reached over TCP."""
+    from flyfs.net.blocking import BlockingConnection
+    from flyfs.net.tcp import local_name
+
+    async def body():
+        seen = []
+
+        async def handler(req):
+            seen.append(req.peer)
+            return net.Response(b"ok:" + req.header, [bytes(req.payload)])
+        monkeypatch.setenv("FLYFS_LOCAL_SOCKETS", "1")
+        async with await net.serve(handler) as server:
+            assert server.local
+            async with net.ConnectionPool() as pool:
+                into = bytearray(300_000)
+                reply = await pool.call(server.address, 9, b"a", [pattern(300_000)], into=into)
+                assert reply.header == b"ok:a" and into == pattern(300_000)
+                conn = await pool.connection(server.address)
+                assert conn._transport.get_extra_info("socket").family == socket.AF_UNIX
+            bc = await asyncio.to_thread(BlockingConnection, server.address)
+            assert bc._sock.family == socket.AF_UNIX
+            assert (await asyncio.to_thread(bc.call, 9, b"b", [b"xy"], bytearray(4)))[0] == b"ok:b"
+            bc.close()
+            assert seen == ["local", "local"]
+            name = local_name(server.host, server.port)
+        probe = socket.socket(socket.AF_UNIX)
+        with pytest.raises(OSError):       # closed with the server
+            probe.connect(name)
+        probe.close()
+        # a server without a local socket (turned off there): the client falls back to TCP
+        monkeypatch.setenv("FLYFS_LOCAL_SOCKETS", "0")
+        async with await net.serve(handler) as server:
+            assert not server.local
+            monkeypatch.setenv("FLYFS_LOCAL_SOCKETS", "1")
+            async with net.ConnectionPool() as pool:
+                assert (await pool.call(server.address, 9, b"c")).header == b"ok:c"
+                conn = await pool.connection(server.address)
+                assert conn._transport.get_extra_info("socket").family == socket.AF_INET
+            bc = await asyncio.to_thread(BlockingConnection, server.address)
+            assert bc._sock.family == socket.AF_INET
+            bc.close()
+        assert seen[2].startswith("127.0.0.1:")
     run(body)
 
 

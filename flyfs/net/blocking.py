@@ -20,6 +20,7 @@ from .frame import (FLAG_ERROR, FLAG_RESPONSE, HEADER_SIZE, MAX_HEADER, MAX_PAYL
                     RemoteError, RequestTimeout, TransportError, pack_header, payload_views,
                     unpack_header, writable_views)
 from .pool import parse_address
+from .tcp import connect_local
 
 __all__ = ["BlockingConnection", "BlockingPool"]
 
@@ -41,12 +42,14 @@ class BlockingConnection:
         self.address = address
         self.max_header = max_header
         self.max_payload = max_payload
-        try:
-            sock = socket.create_connection((host, port), timeout=connect_timeout)
-            sock.settimeout(None)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError as e:
-            raise TransportError(f"connect to {address} failed: {e}") from None
+        sock = connect_local(host, port)      # a same-host server's Unix socket, when there is one
+        if sock is None:
+            try:
+                sock = socket.create_connection((host, port), timeout=connect_timeout)
+                sock.settimeout(None)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError as e:
+                raise TransportError(f"connect to {address} failed: {e}") from None
         self._sock: socket.socket | None = sock
         self._timeout: float | None = None
         self._next_id = 1

@@ -9,11 +9,20 @@ buffer is written on its own instead.
 
 Requests on one connection are pipelined: each carries a request id, a server
 runs every request as its own task and replies in completion order.
+
+Same-host peers: a server also listens on an abstract Unix socket named after
+its TCP address (`local_name`), and clients try that first. Same frames; the
+kernel's TCP/IP loopback path is skipped (a 4 KiB request/reply round trip:
+~36 us instead of ~66 us here, ~10 us less CPU per message on each side).
+Abstract names are per network namespace, so only a process that shares the
+server's network stack, and thus its TCP address, finds it.
+FLYFS_LOCAL_SOCKETS=0 turns this off (TCP only).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import struct
 import sys
@@ -26,7 +35,8 @@ from .frame import (FLAG_ERROR, FLAG_RESPONSE, FLAG_SHM, FLAG_SHM_REPLY, HEADER,
                     Request, RequestTimeout, Response, TransportError, payload_views,
                     writable_views)
 
-__all__ = ["Server", "serve", "ClientConnection", "connect", "format_address"]
+__all__ = ["Server", "serve", "ClientConnection", "connect", "format_address", "local_sockets",
+           "local_name", "connect_local"]
 
 log = logging.getLogger("flyfs.net")
 
@@ -48,10 +58,37 @@ def format_address(host: str, port: int) -> str:
     return f"tcp://{host}:{port}"
 
 
+def local_sockets() -> bool:
+    """Whether servers listen, and clients look, for same-host Unix sockets."""
+    return (sys.platform.startswith("linux")
+            and os.environ.get("FLYFS_LOCAL_SOCKETS", "1").lower() not in ("0", "no", "false", "off"))
+
+
+def local_name(host: str, port: int) -> str:
+    """The abstract Unix socket a server at TCP host:port also listens on."""
+    return f"\0flyfs-net:{host}:{port}"
+
+
+def connect_local(host: str, port: int) -> socket.socket | None:
+    """A blocking Unix socket connected to the same-host server at host:port, or None."""
+    if not local_sockets():
+        return None
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(local_name(host, port))
+    except OSError:
+        s.close()
+        return None
+    return s
+
+
 def _peer_name(transport) -> str:
     peer = transport.get_extra_info("peername")
     if isinstance(peer, tuple) and len(peer) >= 2:
         return f"{peer[0]}:{peer[1]}"
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family == socket.AF_UNIX:
+        return "local"
     return str(peer)
 
 
@@ -364,6 +401,7 @@ class Server:
         self.host = ""
         self.port = 0
         self._server: asyncio.AbstractServer | None = None
+        self._local: asyncio.AbstractServer | None = None   # the same-host Unix socket
         self._conns: set[_ServerConnection] = set()
         self._closing = False
 
@@ -380,8 +418,9 @@ class Server:
         if self._closing:
             return
         self._closing = True
-        if self._server is not None:
-            self._server.close()
+        for srv in (self._server, self._local):
+            if srv is not None:
+                srv.close()
         conns = list(self._conns)
         tasks = [t for c in conns for t in c._tasks]
         for c in conns:
@@ -392,8 +431,14 @@ class Server:
             await asyncio.gather(*tasks, return_exceptions=True)
         if conns:
             await asyncio.gather(*(c.wait_closed() for c in conns), return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
+        for srv in (self._server, self._local):
+            if srv is not None:
+                await srv.wait_closed()
+
+    @property
+    def local(self) -> bool:
+        """Whether same-host clients can reach this server over its Unix socket."""
+        return self._local is not None
 
     async def __aenter__(self) -> "Server":
         return self
@@ -428,6 +473,16 @@ async def serve(handler: Handler, host: str = "127.0.0.1", port: int = 0, *,
         lambda: _ServerConnection(server), host, port, backlog=backlog, reuse_address=True)
     sockname = server._server.sockets[0].getsockname()
     server.host, server.port = sockname[0], sockname[1]
+    if local_sockets():
+        usock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            usock.bind(local_name(server.host, server.port))
+            usock.listen(backlog)
+            usock.setblocking(False)
+            server._local = await loop.create_unix_server(lambda: _ServerConnection(server), sock=usock)
+        except OSError as e:   # only an optimization: TCP still serves everyone
+            usock.close()
+            log.info("net: no same-host socket for %s: %s", server.address, e)
     return server
 
 
@@ -722,6 +777,16 @@ async def connect(host: str, port: int, *, max_header: int = MAX_HEADER,
     """Open one client connection (no timeout here: the caller bounds it)."""
     loop = asyncio.get_running_loop()
     address = format_address(host, port)
-    _, conn = await loop.create_connection(
-        lambda: ClientConnection(address, max_header, max_payload, on_close), host, port)
+    factory = lambda: ClientConnection(address, max_header, max_payload, on_close)  # noqa: E731
+    if local_sockets():
+        usock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        usock.setblocking(False)
+        try:
+            await loop.sock_connect(usock, local_name(host, port))
+        except OSError:
+            usock.close()       # no such server on this host: TCP
+        else:
+            _, conn = await loop.create_unix_connection(factory, sock=usock)
+            return conn
+    _, conn = await loop.create_connection(factory, host, port)
     return conn

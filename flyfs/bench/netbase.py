@@ -1,8 +1,10 @@
 """Hardware baseline for data-plane benchmarks: plain blocking sockets on loopback.
 
-`raw_socket_throughput` is what Python can move over 127.0.0.1 TCP with no
-framing at all (a sender thread doing sendall, the receiver doing recv_into
-into one reusable buffer); transport benchmarks report themselves against it.
+`raw_socket_throughput` is what Python can move over 127.0.0.1 TCP (or, with
+``unix=True``, a Unix socket: what same-host flyfs peers use, see
+flyfs/net/tcp.py) with no framing at all (a sender thread doing sendall, the
+receiver doing recv_into into one reusable buffer); transport benchmarks
+report themselves against it.
 """
 from __future__ import annotations
 
@@ -13,22 +15,32 @@ import time
 __all__ = ["raw_socket_throughput"]
 
 
-def raw_socket_throughput(total_bytes: int, block: int = 1 << 20) -> float:
-    """Bytes per second received over a loopback TCP connection, blocks of `block` bytes."""
+def raw_socket_throughput(total_bytes: int, block: int = 1 << 20, *, unix: bool = False) -> float:
+    """Bytes per second received over a loopback TCP connection (a Unix socket with
+    `unix`), blocks of `block` bytes."""
     if total_bytes <= 0 or block <= 0:
         raise ValueError("total_bytes and block must be positive")
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener = socket.socket(socket.AF_UNIX if unix else socket.AF_INET, socket.SOCK_STREAM)
     errors: list[BaseException] = []
     try:
-        listener.bind(("127.0.0.1", 0))
+        addr = f"\0flyfs-raw-{id(listener)}-{time.monotonic_ns()}" if unix else ("127.0.0.1", 0)
+        listener.bind(addr)
         listener.listen(1)
-        port = listener.getsockname()[1]
+        addr = listener.getsockname() if not unix else addr
+
+        def connect() -> socket.socket:
+            if unix:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(addr)
+                return s
+            s = socket.create_connection(addr)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return s
 
         def send() -> None:
             data = memoryview(bytes(block))
             try:
-                with socket.create_connection(("127.0.0.1", port)) as s:
-                    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                with connect() as s:
                     left = total_bytes
                     while left > 0:
                         n = min(block, left)

@@ -222,24 +222,33 @@ def test_small_reads_go_from_the_callers_thread(fly, fs):
 
 def test_fsync_makes_the_file_durable_on_every_replica(fly, fs):
     """Storage acknowledges writes from memory; fsync() flushes the file's chains on every
-    replica before it returns (the background flush runs only every few seconds)."""
+    replica before it returns (the background flush runs only every few seconds), and
+    its length report asks the metadata server to answer only once it is on disk."""
     core = fs._core()
     flushed: list[tuple] = []
-    real = core._s.data.storage.flush
+    reports: list[bool] = []
+    real, real_sync = core._s.data.storage.flush, core._s.meta.sync
 
     async def spy(chain_ids):
         flushed.append(tuple(chain_ids))
         return await real(chain_ids)
-    core._s.data.storage.flush = spy
+
+    async def sync_spy(*a, durable=False, **kw):
+        reports.append(durable)
+        return await real_sync(*a, durable=durable, **kw)
+    core._s.data.storage.flush, core._s.meta.sync = spy, sync_spy
     data = os.urandom(3 * CHUNK)
     try:
         with fs.open("/fsync-me.bin", "wb", buffering=0) as f:
             f.write(data)
             chains = set(f.handle.layout.chains)
             assert flushed == []                     # writes alone flush nothing
+            f.flush()
+            assert reports == [False]                # close(2)/flush: a report, not synced
             f.fsync()
+            assert reports == [False, True]
     finally:
-        core._s.data.storage.flush = real
+        core._s.data.storage.flush, core._s.meta.sync = real, real_sync
     assert len(flushed) == 1 and set(flushed[0]) == chains and len(chains) == STRIPE
     info = fly.run(fly.storage.routing())
     tids = {t for c in chains for t, _ in info.chains[c].targets}

@@ -331,11 +331,48 @@ async def test_rocksdb_relaxed_commit_is_visible_and_ordered(engine_url):
     await e.close()
 
 
+@pytest.mark.parametrize("engine_url", ["rocksdb"], indirect=True)
+async def test_rocksdb_relaxed_commits_are_synced_within_the_interval(engine_url):
+    e = open_engine(engine_url)
+    assert e.sync_commits and e.relax_commits(0.3) and not e.sync_commits
+    with pytest.raises(ValueError, match="positive"):
+        e.relax_commits(0)
+    await put(e, a="1")                   # acknowledged without a sync of its own
+    assert e.wal_syncs == 0
+    deadline = asyncio.get_running_loop().time() + 5
+    while e.wal_syncs == 0:               # the background sync comes within the interval
+        assert asyncio.get_running_loop().time() < deadline, "never synced"
+        await asyncio.sleep(0.05)
+    assert e.wal_syncs == 1
+    await asyncio.sleep(0.5)
+    assert e.wal_syncs == 1               # nothing new: no sync
+
+    def insist(txn):
+        txn.durable = True
+        txn.set(b"b", b"2")
+    await e.transact(insist)              # a transaction may still insist
+    assert e.wal_syncs == 2
+    await put(e, c="3")
+    await e.close()                       # close syncs what is left
+    assert e.wal_syncs == 3
+    e = open_engine(engine_url)
+    assert await read_all(e) == [(b"a", b"1"), (b"b", b"2"), (b"c", b"3")]
+    await e.close()
+
+
+async def test_engines_without_relaxed_commits_stay_synced(engine):
+    if type(engine).__name__ == "RocksDBEngine":
+        pytest.skip("rocksdb relaxes (tested above)")
+    assert engine.relax_commits(0.1) is False and engine.sync_commits
+
+
 CHILD = textwrap.dedent("""
     import asyncio, sys
     from flyfs.kv import open_engine
     async def main():
         e = open_engine(sys.argv[1])
+        if sys.argv[2] == "relaxed":
+            e.relax_commits(0.1)
         n = 0
         async def one(i):
             def fn(txn):
@@ -354,8 +391,11 @@ CHILD = textwrap.dedent("""
 
 @pytest.mark.parametrize("engine_url", ["rocksdb"], indirect=True)
 @pytest.mark.parametrize("delay", [0.3, 0.7, 1.2])
-async def test_rocksdb_durable_after_kill9(engine_url, delay):
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, engine_url],
+@pytest.mark.parametrize("mode", ["durable", "relaxed"])
+async def test_rocksdb_durable_after_kill9(engine_url, delay, mode):
+    """Nothing acknowledged is lost when the process is killed, whether each commit
+    was synced (durable) or only handed to the OS (relaxed: the WAL is in the kernel)."""
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, engine_url, mode],
                             stdout=subprocess.PIPE, text=True)
     acked = []
     loop = asyncio.get_running_loop()

@@ -548,3 +548,34 @@ async def test_idempotency_records_expire(engine):
     now[0] += 61 * NS
     assert (await svc.run_gc_once()).records == 3
     assert not [k for k in await dump(engine) if k[:2] in (b"MR", b"ME")]
+
+
+async def test_commits_answered_from_the_os_and_fsync_reports_synced(tmp_path):
+    """On RocksDB a metadata commit is answered once the OS has it (synced within
+    sync_interval); an fsync's length report (sync durable=True) is on disk before its
+    answer; sync_commits=True syncs every commit."""
+    from flyfs.kv import open_engine
+    from flyfs.metaserver import MetaConfig, MetaService, static_chain_table
+    kv = open_engine(f"rocksdb://{tmp_path}/relaxed")
+    try:
+        svc = MetaService(kv, chain_table=static_chain_table(CHAINS), config=MetaConfig(sync_interval=60))
+        await svc.format(root_mode=0o777)
+        await svc.create(ALICE, ROOT_INO, "f0", os.O_WRONLY)    # (also reserves inode ids)
+        before = kv.wal_syncs
+        f, session = await svc.create(ALICE, ROOT_INO, "f", os.O_WRONLY)
+        await svc.sync(ALICE, f.ino, session, 10, True)                # a periodic report
+        assert kv.wal_syncs == before
+        n = await svc.sync(ALICE, f.ino, session, 20, True, durable=True)  # fsync's report
+        assert n.size == 20 and kv.wal_syncs == before + 1
+    finally:
+        await kv.close()
+    kv = open_engine(f"rocksdb://{tmp_path}/synced")
+    try:
+        svc = MetaService(kv, chain_table=static_chain_table(CHAINS), config=MetaConfig(sync_commits=True))
+        await svc.format(root_mode=0o777)
+        await svc.create(ALICE, ROOT_INO, "g0", os.O_WRONLY)    # (also reserves inode ids)
+        before = kv.wal_syncs
+        await svc.create(ALICE, ROOT_INO, "g", os.O_WRONLY)
+        assert kv.wal_syncs == before + 1 and kv.sync_commits
+    finally:
+        await kv.close()

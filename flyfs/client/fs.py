@@ -1059,9 +1059,10 @@ class AsyncFileSystem:
         except OSError as e:
             raise _with_path(e, h.path) from None
         if h.session is not None:
-            await self._report(h, renew_only=False)
+            await self._report(h, renew_only=False, durable=True)
 
-    async def _report(self, h: Handle, renew_only: bool, background: bool = False) -> None:
+    async def _report(self, h: Handle, renew_only: bool, background: bool = False,
+                      durable: bool = False) -> None:
         """Report the length (and that we wrote) on the handle's write session, or only
         renew the session; only bytes already on the chains are reported."""
         st = h.state
@@ -1081,7 +1082,7 @@ class AsyncFileSystem:
             length = None if renew_only else st.size
             wrote = h.wrote and not renew_only
             try:
-                await self._s.meta.sync(h.ino, h.session, length, wrote, user=h.who)
+                await self._s.meta.sync(h.ino, h.session, length, wrote, durable=durable, user=h.who)
             except OSError as e:
                 raise _with_path(e, h.path) from None
             if wrote:

@@ -403,8 +403,8 @@ class MetaClient:
     async def open(self, ino: int, flags: int, *, user: Caller | None = None) -> tuple[Inode, bytes | None]:
         return await self._opened("Open", lambda h: pb.OpenReq(header=h, ino=ino, flags=flags), user)
 
-    def _close_req(self, h, ino, session, length, wrote):
-        r = pb.CloseReq(header=h, ino=ino, session=session or b"", wrote=wrote)
+    def _close_req(self, h, ino, session, length, wrote, durable=False):
+        r = pb.CloseReq(header=h, ino=ino, session=session or b"", wrote=wrote, durable=durable)
         if length is not None:
             r.length = length
         return r
@@ -467,8 +467,10 @@ class MetaClient:
             await asyncio.gather(*list(q.sending), return_exceptions=True)
 
     async def sync(self, ino: int, session: bytes | None = None, length: int | None = None,
-                   wrote: bool = False, *, user: Caller | None = None) -> Inode:
-        return await self._attr("Sync", lambda h: self._close_req(h, ino, session, length, wrote), user)
+                   wrote: bool = False, durable: bool = False, *, user: Caller | None = None) -> Inode:
+        """Report the length on an open write session; `durable`: answered once on disk."""
+        return await self._attr("Sync", lambda h: self._close_req(h, ino, session, length, wrote, durable),
+                                user)
 
     # ---- batches ---------------------------------------------------------------------------------
     async def batch(self, ops: list[tuple[str, dict]], *, user: Caller | None = None) -> list:

@@ -73,10 +73,12 @@ class Transaction:
         self._cleared: list[tuple[bytes, bytes]] = []  # ranges cleared by this txn, in order
         self._bytes = 0
         self.read_only = True
-        # False: the commit may be acknowledged before it is on disk. A crash can then
-        # lose it, but never reorder it: any later durable commit makes it durable too
-        # (one write-ahead log). Engines without such a choice (etcd) stay durable.
-        self.durable = True
+        # False: the commit may be acknowledged before it is on disk. A crash of the
+        # machine can then lose it (a crash of the process cannot: it is in the OS),
+        # but never reorder it: any later durable commit makes it durable too (one
+        # write-ahead log). Engines without such a choice (etcd) stay durable. The
+        # default is the engine's (Engine.sync_commits); set True to insist.
+        self.durable = engine.sync_commits
 
     # ---- reads -------------------------------------------------------------
     def _local(self, key: bytes):
@@ -230,9 +232,16 @@ class Engine:
     max_retries = 64
     backoff_base = 0.0005
     backoff_cap = 0.05
+    sync_commits = True     # transactions' default `durable` (see relax_commits)
 
     def __init__(self):
         self.stats = Stats()
+
+    def relax_commits(self, interval: float) -> bool:
+        """Acknowledge commits once the OS has them and sync them within `interval`
+        seconds (a transaction setting `durable = True` still waits for its sync).
+        Returns False, changing nothing, where the engine cannot (etcd: always synced)."""
+        return False
 
     # ---- verbs an engine implements -----------------------------------------
     def _begin(self):  # pragma: no cover - abstract

@@ -9,6 +9,12 @@ thousands of transactions/s. A commit is acknowledged only after its group is
 durable, unless the transaction set `txn.durable = False` (then its group is
 written without a sync when no durable transaction shares it).
 
+`relax_commits(interval)` makes `durable = False` the default (the metadata
+server's, as ext4 journals or a MooseFS master's changelog): a group is
+acknowledged once RocksDB has written it to its WAL, that is to the OS, so a
+killed process loses nothing, and a background task syncs the WAL within
+`interval` seconds; only a crash of the machine can lose that window.
+
 Only one process may own a directory: an fcntl lock on DIR/flyfs.owner that
 records the owner's pid and command line; a second opener gets a one-line
 error naming the owner. Point reads and short scans run on the event loop
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import logging
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +39,7 @@ from .errors import EngineUnavailable, KVError
 from .occ import ConflictTracker
 
 OWNER_FILE = "flyfs.owner"
+log = logging.getLogger("flyfs.kv.rocksdb")
 
 
 def _acquire_owner(path: str) -> int:
@@ -76,6 +84,35 @@ class RocksDBEngine(Engine):
         self._writer: asyncio.Task | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="flyfs-kv-commit")
         self._closed = False
+        self.sync_interval: float | None = None   # set by relax_commits
+        self._unsynced = False                     # groups written since the last WAL sync
+        self._syncer: asyncio.Task | None = None
+        self.wal_syncs = 0                         # syncs done (group commits and background)
+
+    def relax_commits(self, interval: float) -> bool:
+        if interval <= 0:
+            raise ValueError(f"sync interval must be positive, got {interval}")
+        self.sync_interval = interval
+        self.sync_commits = False
+        return True
+
+    async def _sync_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            await asyncio.sleep(self.sync_interval)
+            if self._unsynced and not self._closed:
+                await self.sync_wal(loop)
+
+    async def sync_wal(self, loop=None) -> None:
+        """Make every commit so far durable (on the commit thread: after queued writes)."""
+        self._unsynced = False
+        loop = loop or asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._pool, self._db.flush_wal, True)
+            self.wal_syncs += 1
+        except Exception:
+            self._unsynced = True     # tried again next time; a durable commit also covers it
+            raise
 
     @classmethod
     def from_url(cls, url: str) -> "RocksDBEngine":
@@ -173,6 +210,8 @@ class RocksDBEngine(Engine):
         self._queue.append((version, muts, fut, txn.durable))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.ensure_future(self._write_groups())
+        if self.sync_interval is not None and (self._syncer is None or self._syncer.done()):
+            self._syncer = asyncio.ensure_future(self._sync_loop())
         await asyncio.shield(fut)
 
     async def _write_groups(self):
@@ -192,8 +231,14 @@ class RocksDBEngine(Engine):
             try:
                 # The group is synced if any of its transactions must be durable; the
                 # WAL keeps order, so a sync also covers the unsynced groups before it.
-                opts = self._wopts if any(g[3] for g in group) else self._wopts_nosync
-                await loop.run_in_executor(self._pool, self._db.write, wb, opts)
+                durable = any(g[3] for g in group)
+                await loop.run_in_executor(self._pool, self._db.write, wb,
+                                           self._wopts if durable else self._wopts_nosync)
+                if durable:
+                    self.wal_syncs += 1
+                    self._unsynced = False
+                else:
+                    self._unsynced = True
             except Exception as e:  # disk full, I/O error: fail this group loudly
                 error = KVError(f"rocksdb://{self.path}: commit failed: {e}")
             # Mark applied even on failure: the writes never happened, so readers
@@ -208,7 +253,14 @@ class RocksDBEngine(Engine):
             return
         while self._writer is not None and not self._writer.done():
             await self._writer
+        if self._unsynced:
+            try:
+                await self.sync_wal()
+            except Exception as e:   # closing anyway: RocksDB's own close flushes what it can
+                log.warning("rocksdb://%s: WAL sync at close failed: %s", self.path, e)
         self._closed = True
+        if self._syncer is not None:
+            self._syncer.cancel()
         self._db.close()
         self._pool.shutdown(wait=True)
         os.close(self._owner_fd)

@@ -33,6 +33,11 @@ class MetaConfig:
     readdir_limit: int = 1024        # most entries in one readdir page
     gc_batch: int = 64               # GC queue entries handled per pass
     gc_interval: float = 5.0         # seconds between background GC passes
+    # Every commit synced to disk before its answer (True), or answered once the OS has
+    # it and synced within sync_interval seconds, an fsync's length report at once
+    # (False; where the engine allows: RocksDB; etcd always syncs).
+    sync_commits: bool = False
+    sync_interval: float = 0.1
 
 
 async def maybe_await(x: Any) -> Any:

@@ -171,7 +171,8 @@ class MetaServicer(meta_pb2_grpc.MetaServicer):
 
     async def Sync(self, r, context=None):
         return await self._attr(self.svc.sync(wire.caller_of(r.header), r.ino, r.session or None,
-                                              r.length if r.HasField("length") else None, r.wrote))
+                                              r.length if r.HasField("length") else None, r.wrote,
+                                              r.durable))
 
     async def Access(self, r, context=None):
         return await self._empty(self.svc.access(wire.caller_of(r.header), r.ino, r.mask))
@@ -242,6 +243,11 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--chains", default=env("FLYFS_META_CHAINS", ""),
                    help="static chain table (comma-separated chain ids) until mgmtd provides one [FLYFS_META_CHAINS]")
     p.add_argument("--gc-interval", type=float, default=MetaConfig.gc_interval, help="seconds between GC passes")
+    p.add_argument("--sync-commits", action="store_true",
+                   help="sync every metadata commit to disk before answering (default: answer once "
+                        "the OS has it, sync within --sync-interval, fsync's report at once)")
+    p.add_argument("--sync-interval", type=float, default=MetaConfig.sync_interval,
+                   help="seconds within which an answered commit is synced to disk")
     p.add_argument("--chunk-size", type=int, default=MetaConfig.default_chunk_size, help="root directory chunk size")
     p.add_argument("--stripe", type=int, default=MetaConfig.default_stripe, help="root directory stripe width")
     p.add_argument("--root-mode", type=lambda x: int(x, 8), default=0o755, help="mode of a new root directory (octal)")
@@ -260,8 +266,11 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
 
 async def serve(args: argparse.Namespace) -> int:
     chains = args.chains
+    if args.sync_interval <= 0:
+        raise ValueError(f"--sync-interval must be > 0, got {args.sync_interval}")
     config = MetaConfig(default_chunk_size=args.chunk_size, default_stripe=args.stripe,
-                        gc_interval=args.gc_interval)
+                        gc_interval=args.gc_interval, sync_commits=args.sync_commits,
+                        sync_interval=args.sync_interval)
     engine = open_engine(args.kv)
     cluster = ClusterLink(args.mgmtd) if args.mgmtd else None
     if chains:

@@ -49,6 +49,10 @@ class MetaService:
                  config: MetaConfig | None = None, clock: Callable[[], int] = time.time_ns):
         self.engine = engine
         self.config = config or MetaConfig()
+        if not self.config.sync_commits:
+            # Commits acknowledged once in the OS, synced within sync_interval (or at
+            # once for an fsync): as a local file system's journal does.
+            engine.relax_commits(self.config.sync_interval)
         self.ctx = Ctx(engine, self.config, storage or NoStorage(), chain_table, space, clock)
         self._gc_task: asyncio.Task | None = None
 
@@ -183,8 +187,8 @@ class MetaService:
         return await sessions.close(self.ctx, who, ino, session, length, wrote)
 
     async def sync(self, who: Caller, ino: int, session: bytes | None = None,
-                   length: int | None = None, wrote: bool = False) -> Inode:
-        return await sessions.sync(self.ctx, who, ino, session, length, wrote)
+                   length: int | None = None, wrote: bool = False, durable: bool = False) -> Inode:
+        return await sessions.sync(self.ctx, who, ino, session, length, wrote, durable)
 
     async def list_sessions(self, ino: int | None = None) -> list[Session]:
         return await sessions.list_sessions(self.ctx, ino)

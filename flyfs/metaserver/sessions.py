@@ -147,7 +147,7 @@ def _check_session(session) -> bytes:
 
 
 async def _report(ctx: Ctx, who: Caller, ino: int, session: bytes | None, length: int | None,
-                  wrote: bool, closing: bool) -> Inode:
+                  wrote: bool, closing: bool, durable: bool = False) -> Inode:
     check_ino(ino)
     if session is not None:
         _check_session(session)
@@ -184,6 +184,8 @@ async def _report(ctx: Ctx, who: Caller, ino: int, session: bytes | None, length
             # loses it, the session is still there, expires, and the length comes from
             # storage as for any writer that died (fsync's report stays durable).
             txn.durable = False
+        if durable:
+            txn.durable = True
         return n
 
     return await ctx.transact(fn)
@@ -197,9 +199,11 @@ async def close(ctx: Ctx, who: Caller, ino: int, session: bytes | None = None,
 
 
 async def sync(ctx: Ctx, who: Caller, ino: int, session: bytes | None = None,
-               length: int | None = None, wrote: bool = False) -> Inode:
-    """fsync / periodic report: like close, but the session stays open (and is renewed)."""
-    return await _report(ctx, who, ino, session, length, wrote, closing=False)
+               length: int | None = None, wrote: bool = False, durable: bool = False) -> Inode:
+    """fsync / periodic report: like close, but the session stays open (and is renewed).
+    `durable` (fsync): answer only once the report is on disk, whatever the engine's
+    default (MetaConfig.sync_commits)."""
+    return await _report(ctx, who, ino, session, length, wrote, closing=False, durable=durable)
 
 
 async def list_sessions(ctx: Ctx, ino: int | None = None) -> list[Session]:

@@ -666,6 +666,34 @@ async def test_async_small_reads_try_memory_first_then_an_engine_thread(tmp_path
         assert len(ran) == 2
 
 
+@pytest.mark.parametrize("sync_writes", [False, True])
+async def test_async_commit_updates_the_record_on_the_loop(tmp_path, monkeypatch, sync_writes):
+    """Without sync_writes a commit is a metadata put done on the loop, and a replaced
+    version's file is removed on an engine thread after it; with sync_writes (the
+    commit waits on the disk) it all runs on an engine thread."""
+    async with await ChunkEngine.open(str(tmp_path / "a"), block_size=BS, max_chunk_size=MAXC,
+                                      sync_writes=sync_writes) as e:
+        c = cid(23, 0)
+        await e.prepare_write(c, 0, memoryview(rnd(3 * BS)), 1, 1)
+        ran, real_run = [], e._pool.run
+        monkeypatch.setattr(e._pool, "run", lambda fn: ran.append(fn) or real_run(fn))
+        m = await e.commit(c, 1)
+        assert m.commit_ver == 1 and len(ran) == (1 if sync_writes else 0)
+        first = committed_file(e.sync, c)
+        new = rnd(BS)
+        await e.prepare_write(c, BS, memoryview(new), 2, 1)        # an overwrite: a new file
+        ran.clear()
+        m = await e.commit(c, 2)
+        assert m.commit_ver == 2 and committed_file(e.sync, c) != first
+        assert len(ran) == 1                                        # the removal (or the commit)
+        await asyncio.gather(*list(e._inflight))
+        assert not os.path.exists(first)
+        assert (await e.read(c, BS, BS))[0] == new
+        assert (await e.commit(c, 2)).commit_ver == 2                 # again: the same answer
+        with pytest.raises(VersionMismatch):
+            await e.commit(c, 5)
+
+
 async def test_async_engine_keeps_empty_files_ready_in_the_background(tmp_path):
     import flyfs.storage.chunk_engine as ce
     async with await ChunkEngine.open(str(tmp_path / "a"), block_size=BS, max_chunk_size=MAXC) as e:

@@ -1128,6 +1128,16 @@ class SyncChunkEngine:
 
         Committing an already committed version returns the current meta.
         ``chain_ver``, when given, becomes the chunk's chain version."""
+        meta, stale = self.commit_record(chunk_id, update_ver, chain_ver)
+        if stale is not None:
+            self._unlink(_check_id(chunk_id), stale)
+        return meta
+
+    def commit_record(self, chunk_id: bytes, update_ver: int, chain_ver: int | None = None
+                      ) -> tuple[ChunkMeta, int | None]:
+        """`commit` up to the chunk's metadata record: returns the meta and the sequence
+        number of a replaced version's data file, which the caller removes
+        (``_unlink``) or leaves to the garbage collection at the next open."""
         cid = _check_id(chunk_id)
         _check_int("update_ver", update_ver, 1)
         if chain_ver is not None:
@@ -1139,7 +1149,7 @@ class SyncChunkEngine:
             cv = c.ver if c else 0
             if p is None or update_ver != p.ver:
                 if update_ver <= cv:
-                    return _meta(cid, c, p)
+                    return _meta(cid, c, p), None
                 if p is None:
                     raise VersionMismatch(f"chunk {_hex(cid)}: nothing pending to commit at version "
                                           f"{update_ver} (commit version {cv})")
@@ -1154,10 +1164,8 @@ class SyncChunkEngine:
             self._fp("commit.before")
             self._store(cid, new, None, sync=True)
             self._fp("commit.synced")
-            if c is not None and c.seq != new.seq:
-                self._unlink(cid, c.seq)
             self._add_used(_usage(new, None) - _usage(c, p))
-            return _meta(cid, new, None)
+            return _meta(cid, new, None), (c.seq if c is not None and c.seq != new.seq else None)
 
     def abort(self, chunk_id: bytes) -> ChunkMeta | None:
         """Drop the pending version; returns the remaining meta (None if nothing remains)."""
@@ -1475,6 +1483,12 @@ class _EnginePool:
             t.join()
 
 
+def _unlinked(fut: asyncio.Future) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        # left behind: the next open's garbage collection removes it
+        log.warning("removing a replaced chunk file failed: %s", fut.exception())
+
+
 def _settle(fut: asyncio.Future, result, error) -> None:
     if fut.done():  # the waiter was cancelled
         return
@@ -1567,7 +1581,21 @@ class ChunkEngine:
                                   update_ver, chain_ver, chunk_size=chunk_size)
 
     async def commit(self, chunk_id: bytes, update_ver: int, chain_ver: int | None = None) -> ChunkMeta:
-        return await self._locked([_check_id(chunk_id)], self.sync.commit, chunk_id, update_ver, chain_ver)
+        cid = _check_id(chunk_id)
+        if self.sync.sync_writes or self._closing:
+            return await self._locked([cid], self.sync.commit, cid, update_ver, chain_ver)
+        # Without sync_writes a commit only rewrites the chunk's metadata record (a RocksDB
+        # put: its WAL in the page cache, the memtable), which costs less done here than
+        # the trip to an engine thread and back (~0.2 ms under load, measured per chain
+        # hop); a replaced version's file is removed on an engine thread afterwards.
+        async with self._locks.hold([cid]):
+            meta, stale = self.sync.commit_record(cid, update_ver, chain_ver)
+        if stale is not None:
+            fut = self._pool.run(lambda: self.sync._unlink(cid, stale))
+            self._inflight.add(fut)
+            fut.add_done_callback(self._inflight.discard)
+            fut.add_done_callback(_unlinked)
+        return meta
 
     async def abort(self, chunk_id: bytes) -> ChunkMeta | None:
         return await self._locked([_check_id(chunk_id)], self.sync.abort, chunk_id)

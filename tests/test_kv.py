@@ -337,8 +337,10 @@ async def test_rocksdb_relaxed_commits_are_synced_within_the_interval(engine_url
     assert e.sync_commits and e.relax_commits(0.3) and not e.sync_commits
     with pytest.raises(ValueError, match="positive"):
         e.relax_commits(0)
-    await put(e, a="1")                   # acknowledged without a sync of its own
-    assert e.wal_syncs == 0
+    submitted, real_submit = [], e._pool.submit
+    e._pool.submit = lambda fn, *a: submitted.append(fn) or real_submit(fn, *a)
+    await put(e, a="1")                   # acknowledged without a sync of its own,
+    assert e.wal_syncs == 0 and not submitted   # written on the loop, not the commit thread
     deadline = asyncio.get_running_loop().time() + 5
     while e.wal_syncs == 0:               # the background sync comes within the interval
         assert asyncio.get_running_loop().time() < deadline, "never synced"
@@ -350,8 +352,9 @@ async def test_rocksdb_relaxed_commits_are_synced_within_the_interval(engine_url
     def insist(txn):
         txn.durable = True
         txn.set(b"b", b"2")
-    await e.transact(insist)              # a transaction may still insist
-    assert e.wal_syncs == 2
+    n = len(submitted)
+    await e.transact(insist)              # a transaction may still insist (on the thread)
+    assert e.wal_syncs == 2 and len(submitted) == n + 1
     await put(e, c="3")
     await e.close()                       # close syncs what is left
     assert e.wal_syncs == 3

@@ -19,8 +19,9 @@ Only one process may own a directory: an fcntl lock on DIR/flyfs.owner that
 records the owner's pid and command line; a second opener gets a one-line
 error naming the owner. Point reads and short scans run on the event loop
 (memtable/block-cache hits cost microseconds; a thread hop costs more than
-the read), the synced write — the part that waits on the disk — runs on a
-dedicated thread.
+the read), and so do unsynced group writes (a WAL append to the page cache);
+a synced write — the part that waits on the disk — runs on a dedicated
+thread, as does the background WAL sync.
 """
 from __future__ import annotations
 
@@ -232,8 +233,13 @@ class RocksDBEngine(Engine):
                 # The group is synced if any of its transactions must be durable; the
                 # WAL keeps order, so a sync also covers the unsynced groups before it.
                 durable = any(g[3] for g in group)
-                await loop.run_in_executor(self._pool, self._db.write, wb,
-                                           self._wopts if durable else self._wopts_nosync)
+                if durable:
+                    await loop.run_in_executor(self._pool, self._db.write, wb, self._wopts)
+                else:
+                    # Unsynced: a WAL append to the page cache and a memtable insert, cheaper
+                    # here than the trip to the commit thread and back (~70 us of CPU per
+                    # commit, measured). Groups still go one after another, in WAL order.
+                    self._db.write(wb, self._wopts_nosync)
                 if durable:
                     self.wal_syncs += 1
                     self._unsynced = False

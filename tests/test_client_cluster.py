@@ -218,6 +218,29 @@ def test_small_reads_go_from_the_callers_thread(fly, fs):
         blocking.call, core.pread_into = real_call, real_pread_into
 
 
+def test_small_file_writes_need_no_hop_to_the_loop(fly, fs):
+    """The first write of a file starts its write buffer in the caller's thread, as the
+    writes that continue it do (write_buffered); close() sends it to the chains."""
+    core = fs._core()
+    hops = []
+    real = core.write_behind
+
+    async def spy(*a, **kw):
+        hops.append(a[2])
+        return await real(*a, **kw)
+    core.write_behind = spy
+    try:
+        with fs.open("/small-nohop.bin", "wb", buffering=0) as f:
+            f.write(b"a" * 4096)
+            f.write(b"b" * 100)
+            f.seek(10)
+            f.write(b"c")                   # not contiguous: the loop issues the buffer
+        assert hops == [10]
+    finally:
+        core.write_behind = real
+    assert fs.read_bytes("/small-nohop.bin") == b"a" * 10 + b"c" + b"a" * 4085 + b"b" * 100
+
+
 # ---- fsync -----------------------------------------------------------------------------------------------
 
 def test_fsync_makes_the_file_durable_on_every_replica(fly, fs):

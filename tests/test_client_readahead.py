@@ -174,16 +174,15 @@ def test_write_buffered_refuses_what_it_cannot_do(fs):
     h = fs._run_core("open_handle", f"{d}/f", os.O_WRONLY | os.O_CREAT, 0o644)
     r = fs._run_core("open_handle", f"{d}/f", os.O_RDONLY)
     try:
-        assert not core.write_buffered(h, b"x" * 10, 0)         # no buffer to extend yet
-        assert fs._run_core("write_behind", h, b"x" * 10, 0) == 10
+        assert core.write_buffered(h, b"x" * 10, 0)             # starts a buffer
         assert core.write_buffered(h, b"x" * 2, 10)             # extends it
         assert fs._run_core("pread", r, 100, 0) == b"x" * 12    # a read waits for it
-        assert not core.write_buffered(h, b"y" * 5, 12)         # drained by the read: no buffer
-        assert fs._run_core("write_behind", h, b"y" * 3, 12) == 3
+        assert core.write_buffered(h, b"y" * 3, 12)             # drained by the read: a new one
         assert not core.write_buffered(h, b"y" * 10, 100)       # not contiguous with it
         assert core.write_buffered(h, b"y" * 5, 15)             # contiguous
         full = core._s.config.write_buffer
         assert not core.write_buffered(h, b"z" * full, 20)      # would fill the buffer
+        assert not core.write_buffered(r, b"z", 20)             # not open for writing
     finally:
         fs._run_core("close_handle", h)
         fs._run_core("close_handle", r)

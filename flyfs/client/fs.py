@@ -1283,19 +1283,27 @@ class AsyncFileSystem:
         return n
 
     def write_buffered(self, h: Handle, data, offset: int) -> bool:
-        """write_behind's common case, done in the caller's thread with no hop to the
-        loop (thread-safe): `data` continues the handle's write buffer and leaves it
-        below `write_buffer` (7 of the 8 FUSE writes of each 1 MiB written in order).
-        Returns False, having done nothing, in every other case (then call
-        write_behind, which also starts buffers, issues them and applies the window)."""
+        """write_behind's common cases, done in the caller's thread with no hop to the
+        loop (thread-safe): `data` starts the handle's write buffer (the first write
+        of a small file) or continues it, and leaves it below `write_buffer` (7 of
+        the 8 FUSE writes of each 1 MiB written in order). Returns False, having done
+        nothing, in every other case (then call write_behind, which also issues
+        buffers and applies the window)."""
         st = h.state
         n = len(data)
+        limit = self._s.config.write_buffer
         with st.tlock:
             wb = h.wbuf
-            if wb is None or h.closed or st.error is not None or not n or offset != h.woff + len(wb) \
-                    or len(wb) + n >= self._s.config.write_buffer:
+            if h.closed or not h.writable or st.error is not None or not n or n >= limit:
                 return False
-            wb += data
+            if wb is None:
+                h.wbuf = bytearray(data)
+                h.woff = offset
+                st.buffered.add(h)
+            elif offset != h.woff + len(wb) or len(wb) + n >= limit:
+                return False
+            else:
+                wb += data
             self._grew(h, offset + n)
         return True
 

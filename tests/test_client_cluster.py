@@ -218,6 +218,33 @@ def test_small_reads_go_from_the_callers_thread(fly, fs):
         blocking.call, core.pread_into = real_call, real_pread_into
 
 
+def test_stat_is_answered_from_the_callers_thread(fly, fs):
+    """FileSystem.stat/lstat of a path is one blocking metadata call from the calling
+    thread (getattr_now over flyfs/net), with the client's own unreported size."""
+    import errno
+    core = fs._core()
+    loop_stats = []
+    real = core.stat
+
+    async def spy(*a, **kw):
+        loop_stats.append(a)
+        return await real(*a, **kw)
+    core.stat = spy
+    try:
+        fs.write_bytes("/stat-now.bin", b"x" * 1000)
+        assert fs.stat("/stat-now.bin").st_size == 1000
+        assert fs.lstat("/stat-now.bin").st_size == 1000
+        with pytest.raises(FileNotFoundError) as e:
+            fs.stat("/stat-now-missing")
+        assert e.value.errno == errno.ENOENT and "stat-now-missing" in str(e.value)
+        with fs.open("/stat-now.bin", "ab", buffering=0) as f:
+            f.write(b"y" * 10)                           # buffered, not yet reported
+            assert fs.stat("/stat-now.bin").st_size == 1010
+        assert loop_stats == []
+    finally:
+        core.stat = real
+
+
 def test_small_file_writes_need_no_hop_to_the_loop(fly, fs):
     """The first write of a file starts its write buffer in the caller's thread, as the
     writes that continue it do (write_buffered); close() sends it to the chains."""

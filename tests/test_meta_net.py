@@ -370,3 +370,29 @@ async def test_meta_command_serves_both_and_registers(tmp_path, mgmtd):
                           "sys.exit(main())", "--kv", "memory://x", "--net-listen", "nope"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--net-listen must be HOST:PORT or 'off'" in bad.stderr
+
+
+async def test_blocking_calls_from_another_thread(served):
+    """call_now / resolve_now: the same answers from a thread with no event loop,
+    errors as OSError, None where the call could not be made (then the async API)."""
+    svc, client, server = served
+    d = await client.mkdir(ROOT_INO, "now", 0o755)
+    f, session = await client.create(d.ino, "f", 0o644, os.O_WRONLY)
+    await client.close(f.ino, session, length=0)
+
+    def in_thread():
+        n = client.resolve_now("/now/f")
+        assert n.ino == f.ino and stat.S_ISREG(n.mode)
+        assert client.resolve_now("/now", follow=False).ino == d.ino
+        with pytest.raises(FileNotFoundError):
+            client.resolve_now("/now/missing")
+        with pytest.raises(NotADirectoryError):
+            client.resolve_now("/now/f/x")
+        r = client.call_now("GetAttr", lambda h: meta_pb2.InodeReq(header=h, ino=d.ino))
+        assert r.attr.ino == d.ino
+    await asyncio.to_thread(in_thread)
+    assert await asyncio.to_thread(MetaClient("127.0.0.1:1").resolve_now, "/") is None   # gRPC target
+    port = server.port
+    await server.close()
+    gone = MetaClient(f"tcp://127.0.0.1:{port}", timeout=2)
+    assert await asyncio.to_thread(gone.resolve_now, "/now/f") is None     # unreachable: None

@@ -621,6 +621,23 @@ class AsyncFileSystem:
         self._remember(fspath(path), n, follow_symlinks)
         return self._overlay(n)
 
+    def getattr_now(self, path, follow_symlinks: bool = True) -> Inode | None:
+        """getattr in the calling thread with no hop to the event loop (thread-safe),
+        where the metadata client can (flyfs/net: MetaClient.resolve_now); raises
+        OSError as getattr does. None: use getattr."""
+        meta = self._s.meta
+        if getattr(type(meta), "resolve_now", None) is None:
+            return None
+        p = fspath(path)
+        try:
+            n = meta.resolve_now(p, follow_symlinks, user=self.who)
+        except OSError as e:
+            raise _with_path(e, path) from None
+        if n is None:
+            return None
+        self._remember(p, n, follow_symlinks)
+        return self._overlay(n)
+
     async def stat(self, path, *, follow_symlinks: bool = True) -> os.stat_result:
         if isinstance(path, Handle):
             return stat_result(await self.fgetattr(path))
@@ -1711,10 +1728,13 @@ class FileSystem:
         h = handle_of(path)
         if h is not None:
             return self._run_core("stat", h)
+        n = self._core().getattr_now(path, follow_symlinks)     # from this thread when it can
+        if n is not None:
+            return stat_result(n)
         return self._run_core("stat", path, follow_symlinks=follow_symlinks)
 
     def lstat(self, path) -> os.stat_result:
-        return self._run_core("lstat", path)
+        return self.stat(path, follow_symlinks=False)
 
     def exists(self, path) -> bool:
         return self._run_core("exists", path)

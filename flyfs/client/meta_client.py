@@ -35,6 +35,7 @@ import uuid as uuidlib
 from typing import AsyncIterator
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from .. import net
 from ..metaserver import wire
@@ -127,6 +128,9 @@ class MetaClient:
         # close_later(): per event loop, the closes waiting to go out and the sends in flight
         self._later: dict[asyncio.AbstractEventLoop, _Later] = {}
         self._later_pid = os.getpid()
+        # call_now(): blocking connections for callers on their own threads (flyfs/net only)
+        self._blocking = net.BlockingPool(connect_timeout=timeout, max_header=MAX_MESSAGE,
+                                          max_payload=0) if self._net else None
 
     async def __aenter__(self) -> "MetaClient":
         return self
@@ -164,6 +168,10 @@ class MetaClient:
         if self._channel is not None:
             await self._channel.close()
             self._channel = self._stub = None
+        if self._blocking is not None:
+            self._blocking.close()
+            self._blocking = net.BlockingPool(connect_timeout=self.timeout, max_header=MAX_MESSAGE,
+                                              max_payload=0)
         links, self._links = self._links, {}
         if self._links_pid != os.getpid():
             return
@@ -277,6 +285,34 @@ class MetaClient:
             except Exception as e:
                 raise OSError(errno.EIO, f"metadata server {self.target}: malformed {method} reply: {e}") from None
         raise AssertionError("unreachable")
+
+    def call_now(self, method: str, build, user: Caller | None = None):
+        """`_call` from the calling thread over a blocking connection, with no event loop
+        (thread-safe; flyfs/net targets only): the reply, or OSError with the server's
+        errno for a failed operation. None where the call could not be made or
+        answered (gRPC target, transport error, timeout): then use the async method,
+        which retries. For read-only calls: one that did not answer may have run."""
+        pool = self._blocking
+        if pool is None:
+            return None
+        mid = METHOD_IDS[method]
+        request = build(self._header(user, uuidlib.uuid4().bytes))
+        try:
+            header, _ = pool.call(self.target, mid, request.SerializeToString(), timeout=self.timeout)
+            reply = METHODS[mid].reply.FromString(header)
+        except (net.TransportError, DecodeError) as e:
+            log.debug("blocking %s to %s failed: %s", method, self.target, e)
+            return None
+        if hasattr(reply, "status"):
+            raise_for(reply.status)
+        return reply
+
+    def resolve_now(self, path, follow: bool = True, base: int = ROOT_INO, *,
+                    user: Caller | None = None) -> Inode | None:
+        """`resolve` by call_now: the inode, OSError, or None (use `resolve`)."""
+        r = self.call_now("Resolve", lambda h: pb.ResolveReq(header=h, path=_b(path), follow=follow,
+                                                             base=base), user)
+        return None if r is None else wire.inode_of(r.attr)
 
     async def _attr(self, method: str, build, user) -> Inode:
         return wire.inode_of((await self._call(method, build, user)).attr)

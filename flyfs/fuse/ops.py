@@ -291,7 +291,9 @@ class FlyFuse(fusepy.Fuse):
     # ---- attributes ------------------------------------------------------------------------------------
     @guard
     def getattr(self, path):
-        return fuse_stat(self.run("getattr", path, False))
+        fs = self.who()
+        n = fs.core.getattr_now(path, False)        # from this thread when it can
+        return fuse_stat(n if n is not None else fs._run_core("getattr", path, False))
 
     @guard
     def access(self, path, mode):

@@ -12,7 +12,10 @@ ROW = re.compile(r"^(write|read), chain of ([13]), ([14]) MiB\s+([\d.]+) (\S?B/s
 def test_bench_storage_prints_every_figure_and_ratio(tmp_path, capsys):
     assert main(["--size", "8MiB", "--depth", "2", "--data-dir", str(tmp_path / "bench")]) == 0
     out = capsys.readouterr().out
-    assert "raw socket, 1 MiB blocks" in out and "raw socket, 4 MiB blocks" in out
+    # the baseline is the kind of socket the cluster uses: Unix between same-host peers
+    assert "raw tcp socket, 1 MiB blocks" in out and "raw tcp socket, 4 MiB blocks" in out
+    assert "raw unix socket, 1 MiB blocks (the baseline)" in out
+    assert "raw unix socket, 4 MiB blocks (the baseline)" in out
     rows = [ROW.match(line) for line in out.splitlines()]
     found = {(m[1], m[2], m[3]) for m in rows if m}
     assert found == {(op, c, s) for op in ("write", "read") for c in "13" for s in "14"}

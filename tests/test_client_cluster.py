@@ -310,18 +310,19 @@ def test_fsync_makes_the_file_durable_on_every_replica(fly, fs):
 
 def test_closing_an_unwritten_file_does_not_wait_for_the_server(fly, fs):
     """creat() + close() of an empty file: the session ends through close_later() (batched,
-    like FUSE's release), a written file's close waits for its length report."""
+    like FUSE's release), a written file's close waits for its length report, made by the
+    call that ends its session (no separate flush report)."""
     core = fs._core()
     waited: list = []
     meta = core._s.meta
     real_close, real_sync = meta.close, meta.sync
 
-    def spying(real):
+    def spying(real, name):
         async def spy(*a, **kw):
-            waited.append(a[0])
+            waited.append((name, a[0]))
             return await real(*a, **kw)
         return spy
-    meta.close, meta.sync = spying(real_close), spying(real_sync)   # close(), or flush()'s report
+    meta.close, meta.sync = spying(real_close, "close"), spying(real_sync, "sync")
     try:
         with fs.open("/later-empty.bin", "wb"):
             pass
@@ -330,7 +331,8 @@ def test_closing_an_unwritten_file_does_not_wait_for_the_server(fly, fs):
     finally:
         meta.close, meta.sync = real_close, real_sync
     empty, written = fs.stat("/later-empty.bin"), fs.stat("/later-written.bin")
-    assert waited == [written.st_ino] and written.st_size == 1 and empty.st_size == 0
+    # the written file's close(): one metadata call, reporting the length as it ends the session
+    assert waited == [("close", written.st_ino)] and written.st_size == 1 and empty.st_size == 0
     svc = fly._meta[2]
     deadline = time.monotonic() + 10
     while fly.run(svc.list_sessions(empty.st_ino)):

@@ -170,10 +170,17 @@ class RawFile(io.RawIOBase):
         if self.closed:
             return
         try:
-            super().close()
-        finally:
             if not self._h.closed:
+                # One trip: close_handle writes out what is buffered, then reports the
+                # length and ends the session in one metadata call (io's close would
+                # flush first: a trip and a length report of its own).
                 self._fs._run_core("close_handle", self._h)
+        finally:
+            try:
+                super().close()     # flush(): nothing left once the handle is closed
+            finally:
+                if not self._h.closed:
+                    self._fs._run_core("close_handle", self._h)
 
     def __repr__(self) -> str:
         return f"<flyfs.RawFile name={self.name!r} mode={self.mode!r}>"

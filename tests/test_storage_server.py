@@ -386,6 +386,14 @@ def _chunk_files(target_dir, inode, index):
     return glob.glob(os.path.join(target_dir, "chunks", "*", f"{cid}.*"))
 
 
+def _flip_byte(path, pos):
+    with open(path, "r+b") as f:
+        f.seek(pos)
+        b = f.read(1)
+        f.seek(pos)
+        f.write(bytes([b[0] ^ 0x01]))
+
+
 async def test_corrupted_replica_is_detected_and_read_around(cluster):
     sc = cluster.client()
     info = await cluster.routing()
@@ -402,11 +410,7 @@ async def test_corrupted_replica_is_detected_and_read_around(cluster):
 
     def flip(t, pos):
         (path,) = _chunk_files(target_dir(t), 11, 4)
-        with open(path, "r+b") as f:
-            f.seek(pos)
-            b = f.read(1)
-            f.seek(pos)
-            f.write(bytes([b[0] ^ 0x01]))
+        _flip_byte(path, pos)
 
     flip(first, 123_456)
     r, _ = await sc.read_target(first, ReadPiece(c, 11, 4, 0, len(data)))
@@ -653,11 +657,7 @@ async def test_small_cached_reads_are_answered_inline(cluster):
         assert declined == [S.STORAGE_BATCH_READ]
         # a flipped byte: the inline answer is a checksum mismatch, and the client reads around it
         (path,) = _chunk_files(target.path, 12, 0)
-        with open(path, "r+b") as f:
-            f.seek(10)
-            b = f.read(1)
-            f.seek(10)
-            f.write(bytes([b[0] ^ 1]))
+        _flip_byte(path, 10)
         for _ in range(2):     # (the first may find part of the block on disk)
             r, _ = await sc.read_target(first, ReadPiece(c, 12, 0, 0, 4096))
             assert r.status.code == SC.CHECKSUM_MISMATCH

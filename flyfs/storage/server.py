@@ -122,6 +122,12 @@ def _read_errors(role: craq.Role, any_state: bool):
         raise StatusError(SC.NOT_COMMITTED, str(e)) from None
 
 
+def _failed_read(e: StatusError | StorageError) -> S.ReadResult:
+    """The result of a read piece that failed with `e`."""
+    text = e.message if isinstance(e, StatusError) else str(e)
+    return S.ReadResult(status=common_pb2.Status(code=e.code, message=text))
+
+
 def _cid(c: S.ChunkId) -> bytes:
     return craq.chunk_id(c.inode, c.index)
 
@@ -1094,9 +1100,7 @@ class StorageServer:
                                                         msg.allow_any_state)
                 got = r.length
             except (StatusError, StorageError) as e:
-                text = e.message if isinstance(e, StatusError) else str(e)
-                results[i] = S.ReadResult(status=common_pb2.Status(code=e.code, message=text))
-                got = 0
+                results[i], got = _failed_read(e), 0
             if got < n:
                 buf[start + got:start + n] = 0    # pooled memory: never send stale bytes
 
@@ -1158,8 +1162,7 @@ class StorageServer:
         except WouldBlock:
             return None
         except (StatusError, StorageError) as e:
-            text = e.message if isinstance(e, StatusError) else str(e)
-            result, n = S.ReadResult(status=common_pb2.Status(code=e.code, message=text)), 0
+            result, n = _failed_read(e), 0
         if n < p.length:
             buf[n:p.length] = 0     # pooled memory: never send stale bytes
         return net.Response(S.BatchReadReply(results=[result]).SerializeToString(), (buf,))

@@ -394,13 +394,20 @@ def _flip_byte(path, pos):
         f.write(bytes([b[0] ^ 0x01]))
 
 
-async def test_corrupted_replica_is_detected_and_read_around(cluster):
+async def _written_chunk(cluster, inode, index, size=300_000):
+    """A client, the routing, chain table 1's first chain, and the random bytes written
+    to chunk (inode, index) on it."""
     sc = cluster.client()
     info = await cluster.routing()
     chain = info.chains[info.table(1)[0]]
+    data = os.urandom(size)
+    await sc.write(chain.chain_id, inode, index, 0, data, chunk_size=CS)
+    return sc, info, chain, data
+
+
+async def test_corrupted_replica_is_detected_and_read_around(cluster):
+    sc, info, chain, data = await _written_chunk(cluster, 11, 4)
     c = chain.chain_id
-    data = os.urandom(300_000)
-    await sc.write(c, 11, 4, 0, data, chunk_size=CS)
     readers = readable_targets(chain)
     first = craq.read_order(readers, 11 * 7919 + 4)[0]      # the replica the client tries first
 
@@ -611,12 +618,8 @@ async def test_small_cached_reads_are_answered_inline(cluster):
     the daemon's loop with no task (StorageServer._inline, ChunkEngine.read_now); bytes
     not in memory go to the engine threads. Same answers either way: data, holes,
     checksum mismatches."""
-    sc = cluster.client()
-    info = await cluster.routing()
-    chain = info.chains[info.table(1)[0]]
+    sc, info, chain, data = await _written_chunk(cluster, 12, 0)
     c = chain.chain_id
-    data = os.urandom(300_000)
-    await sc.write(c, 12, 0, 0, data, chunk_size=CS)
     first = craq.read_order(readable_targets(chain), 12 * 7919)[0]
     server = cluster.nodes[cluster.node_of_target(first, info)].server
     target = server.targets[first]

@@ -391,10 +391,7 @@ class StorageClient:
             if chain is None:
                 raise StorageClientError(SC.NOT_FOUND, f"chain {piece.chain_id} is not in routing "
                                          f"version {routing.version}")
-            req = S.BatchReadRequest(header=self._header(), allow_any_state=any_state, pieces=[S.ReadPiece(
-                chain_id=piece.chain_id, chain_version=chain.version,
-                chunk=S.ChunkId(inode=piece.inode, index=piece.index), offset=piece.offset,
-                length=piece.length)])
+            req = self._read_request(routing, [piece], any_state)
             rep = await self.pool.call(self._target_address(routing, target_id), S.STORAGE_BATCH_READ,
                                        req.SerializeToString(), timeout=self.timeout)
             reply = S.BatchReadReply.FromString(rep.header)
@@ -437,10 +434,7 @@ class StorageClient:
             address = routing.address_of(target)
         except KeyError:
             return None
-        req = S.BatchReadRequest(header=self._header(), pieces=[S.ReadPiece(
-            chain_id=piece.chain_id, chain_version=chain.version,
-            chunk=S.ChunkId(inode=piece.inode, index=piece.index), offset=piece.offset,
-            length=piece.length)])
+        req = self._read_request(routing, [piece])
         try:
             header, n = self.blocking.call(address, S.STORAGE_BATCH_READ, req.SerializeToString(),
                                            into=piece.buffer, timeout=self.timeout)
@@ -574,14 +568,19 @@ class StorageClient:
             routing = await self._refresh(routing) if refresh else await self.routing()
         return results  # type: ignore[return-value]
 
-    async def _read_batch(self, routing: RoutingInfo, target: int, pieces: list[ReadPiece],
-                          views: list[memoryview]) -> list[tuple[int, int, str]]:
-        req = S.BatchReadRequest(header=self._header())
+    def _read_request(self, routing: RoutingInfo, pieces: Sequence[ReadPiece],
+                      any_state: bool = False) -> S.BatchReadRequest:
+        """A batch read of `pieces`, each with its chain's version in `routing`."""
+        req = S.BatchReadRequest(header=self._header(), allow_any_state=any_state)
         for p in pieces:
-            chain = routing.chains[p.chain_id]
-            req.pieces.add(chain_id=p.chain_id, chain_version=chain.version,
+            req.pieces.add(chain_id=p.chain_id, chain_version=routing.chains[p.chain_id].version,
                            chunk=S.ChunkId(inode=p.inode, index=p.index), offset=p.offset,
                            length=p.length)
+        return req
+
+    async def _read_batch(self, routing: RoutingInfo, target: int, pieces: list[ReadPiece],
+                          views: list[memoryview]) -> list[tuple[int, int, str]]:
+        req = self._read_request(routing, pieces)
         into = [v for v in views if len(v)]
         rep = await self.pool.call(routing.address_of(target), S.STORAGE_BATCH_READ,
                                    req.SerializeToString(), into=into or None, timeout=self.timeout)

@@ -119,8 +119,9 @@ async def counted(served):
 async def test_concurrent_calls_are_coalesced_into_batches(counted):
     svc, c, servicer = counted
     d = await c.mkdir(ROOT_INO, "d", 0o700)
+    # The first goes at once (nothing was in flight), the 19 issued meanwhile in one Batch.
     files = [f for f, _ in await asyncio.gather(*[c.create(d.ino, f"f{i}", 0o644) for i in range(20)])]
-    assert [sorted(set(b)) for b in servicer.batches] == [["create"]] and len(servicer.batches[0]) == 20
+    assert [sorted(set(b)) for b in servicer.batches] == [["create"]] and len(servicer.batches[0]) == 19
     servicer.batches.clear()
     # Sequential calls go alone.
     for i in range(3):
@@ -128,9 +129,11 @@ async def test_concurrent_calls_are_coalesced_into_batches(counted):
     assert servicer.batches == []
     # One batch, mixed operations and users: each caller gets its own answer or errno.
     results = await asyncio.gather(
-        *[c.lookup(d.ino, f"f{i}") for i in range(20)], c.lookup(d.ino, "missing"),
+        c.getattr(d.ino), *[c.lookup(d.ino, f"f{i}") for i in range(20)], c.lookup(d.ino, "missing"),
         c.lookup(d.ino, "f0", user=BOB), c.getattr(d.ino), c.unlink(d.ino, "f19"),
         c.rename(d.ino, "f18", ROOT_INO, "moved"), return_exceptions=True)
+    assert results[0].ino == d.ino          # the one sent alone
+    results = results[1:]
     assert [r.ino for r in results[:20]] == [f.ino for f in files]
     assert isinstance(results[20], FileNotFoundError) and isinstance(results[21], PermissionError)
     assert results[22].ino == d.ino and results[23:] == [None, None]
@@ -171,12 +174,13 @@ async def test_close_later_ends_sessions_in_batches(counted):
 
 async def test_a_cancelled_caller_leaves_its_batch(counted):
     svc, c, servicer = counted
-    calls = [asyncio.ensure_future(c.lookup(ROOT_INO, name)) for name in ("a", "b", "c")]
+    # The first goes at once; the other three are queued behind it.
+    calls = [asyncio.ensure_future(c.lookup(ROOT_INO, name)) for name in ("first", "a", "b", "c")]
     await asyncio.sleep(0)          # queued, not yet sent
-    calls[1].cancel()
+    calls[2].cancel()
     done = await asyncio.gather(*calls, return_exceptions=True)
-    assert all(isinstance(r, FileNotFoundError) for r in (done[0], done[2]))
-    assert isinstance(done[1], asyncio.CancelledError)
+    assert all(isinstance(r, FileNotFoundError) for r in (done[0], done[1], done[3]))
+    assert isinstance(done[2], asyncio.CancelledError)
     assert servicer.batches == [["lookup", "lookup"]]
 
 

@@ -57,13 +57,14 @@ class _NetLink:
     """One event loop's flyfs/net connections to the server, and the calls
     waiting for the end of the loop iteration to go out together."""
 
-    __slots__ = ("loop", "pool", "pending", "tasks")
+    __slots__ = ("loop", "pool", "pending", "tasks", "inflight")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: net.ConnectionPool):
         self.loop = loop
         self.pool = pool
         self.pending: list = []             # (MetaOp field, request, future)
         self.tasks: set[asyncio.Task] = set()
+        self.inflight = 0                   # calls sent and not yet answered
 
 
 def pick_meta_target(node_info) -> str:
@@ -210,10 +211,12 @@ class MetaClient:
         raise AssertionError("unreachable")
 
     async def _call_net(self, method: str, request):
-        """`_call` over flyfs/net; a batchable call waits for the end of this loop
-        iteration and goes out in one Batch call with the others issued meanwhile."""
+        """`_call` over flyfs/net. A batchable call issued while others are in flight
+        waits for the end of this loop iteration and goes out in one Batch call with
+        the others issued meanwhile; one issued alone goes at once (a lone caller
+        waits for nothing)."""
         link = self._link()
-        field = BATCHABLE.get(method) if self.coalesce else None
+        field = BATCHABLE.get(method) if self.coalesce and (link.inflight or link.pending) else None
         reply = _ALONE
         if field is not None:
             fut = link.loop.create_future()
@@ -269,9 +272,11 @@ class MetaClient:
         mid = METHOD_IDS[method]
         data = request.SerializeToString()
         delay = 0.05
+        link = self._link()
         for attempt in range(self.retries + 1):
+            link.inflight += 1
             try:
-                raw = await self._link().pool.call(self.target, mid, data, timeout=self.timeout)
+                raw = await link.pool.call(self.target, mid, data, timeout=self.timeout)
             except (net.RequestTimeout, net.ProtocolError, net.RemoteError) as e:
                 raise OSError(errno.EIO, f"metadata server {self.target}: {type(e).__name__}: {e}") from None
             except net.TransportError as e:
@@ -280,6 +285,8 @@ class MetaClient:
                     delay = min(delay * 2, 1.0)
                     continue
                 raise OSError(errno.EIO, f"metadata server {self.target}: UNAVAILABLE: {e}") from None
+            finally:
+                link.inflight -= 1
             try:
                 return METHODS[mid].reply.FromString(raw.header)
             except Exception as e:

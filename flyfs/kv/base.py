@@ -136,6 +136,19 @@ class Transaction:
             raise KVError(f"limit must be a non-negative int, got {limit!r}")
         return self._range(begin, end, limit, reverse, snapshot)
 
+    async def any_in_range(self, begin: bytes, end: bytes, snapshot: bool = False) -> bool:
+        """Whether some key lies in begin <= key < end (reads at most one; a read
+        conflict on what it read, as `get_range`)."""
+        it = self.get_range(begin, end, limit=1, snapshot=snapshot)
+        try:
+            async for _ in it:
+                return True
+            return False
+        finally:
+            # Closed here, not left to the loop's async-generator finalizer: that
+            # costs a wake-up of the loop and a task per call.
+            await it.aclose()
+
     def snapshot_get_range(self, begin: bytes, end: bytes, limit: int = 0,
                            reverse: bool = False) -> AsyncIterator[tuple[bytes, bytes]]:
         """`get_range` without read conflicts."""

@@ -207,46 +207,63 @@ class RocksDBEngine(Engine):
         self._tracker.validate(rs)
         muts = txn.mutations()
         version = self._tracker.record(muts)
+        if self.sync_interval is not None and (self._syncer is None or self._syncer.done()):
+            self._syncer = asyncio.ensure_future(self._sync_loop())
+        if not txn.durable and not self._queue and (self._writer is None or self._writer.done()):
+            # Unsynced with nothing queued ahead of it: written now, in WAL order, with
+            # no writer task and no loop iteration between the commit and its answer.
+            error = self._write(self._batch([muts]), False)
+            self._tracker.mark_applied(version)
+            if error:
+                raise error
+            return
         fut = asyncio.get_running_loop().create_future()
         self._queue.append((version, muts, fut, txn.durable))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.ensure_future(self._write_groups())
-        if self.sync_interval is not None and (self._syncer is None or self._syncer.done()):
-            self._syncer = asyncio.ensure_future(self._sync_loop())
         await asyncio.shield(fut)
+
+    @staticmethod
+    def _batch(mutation_lists) -> WriteBatch:
+        wb = WriteBatch(raw_mode=True)
+        for muts in mutation_lists:
+            for op in muts:
+                if op[0] == "set":
+                    wb.put(op[1], op[2])
+                elif op[0] == "clear":
+                    wb.delete(op[1])
+                else:
+                    wb.delete_range(op[1], op[2])
+        return wb
+
+    def _write(self, wb: WriteBatch, durable: bool) -> KVError | None:
+        """Write a batch unsynced (on the loop), or synced on the commit thread; the error, if any.
+        (No unsynced write runs while a synced one does: the writer task waits for it.)"""
+        try:
+            self._db.write(wb, self._wopts if durable else self._wopts_nosync)
+        except Exception as e:  # disk full, I/O error: fail the commit loudly
+            return KVError(f"rocksdb://{self.path}: commit failed: {e}")
+        if durable:
+            self.wal_syncs += 1
+            self._unsynced = False
+        else:
+            self._unsynced = True
+        return None
 
     async def _write_groups(self):
         loop = asyncio.get_running_loop()
         while self._queue:
             group, self._queue = self._queue, []
-            wb = WriteBatch(raw_mode=True)
-            for _, muts, _, _ in group:
-                for op in muts:
-                    if op[0] == "set":
-                        wb.put(op[1], op[2])
-                    elif op[0] == "clear":
-                        wb.delete(op[1])
-                    else:
-                        wb.delete_range(op[1], op[2])
-            error = None
-            try:
-                # The group is synced if any of its transactions must be durable; the
-                # WAL keeps order, so a sync also covers the unsynced groups before it.
-                durable = any(g[3] for g in group)
-                if durable:
-                    await loop.run_in_executor(self._pool, self._db.write, wb, self._wopts)
-                else:
-                    # Unsynced: a WAL append to the page cache and a memtable insert, cheaper
-                    # here than the trip to the commit thread and back (~70 us of CPU per
-                    # commit, measured). Groups still go one after another, in WAL order.
-                    self._db.write(wb, self._wopts_nosync)
-                if durable:
-                    self.wal_syncs += 1
-                    self._unsynced = False
-                else:
-                    self._unsynced = True
-            except Exception as e:  # disk full, I/O error: fail this group loudly
-                error = KVError(f"rocksdb://{self.path}: commit failed: {e}")
+            wb = self._batch(g[1] for g in group)
+            # The group is synced if any of its transactions must be durable; the
+            # WAL keeps order, so a sync also covers the unsynced groups before it.
+            if any(g[3] for g in group):
+                error = await loop.run_in_executor(self._pool, self._write, wb, True)
+            else:
+                # Unsynced: a WAL append to the page cache and a memtable insert, cheaper
+                # here than the trip to the commit thread and back (~70 us of CPU per
+                # commit, measured). Groups still go one after another, in WAL order.
+                error = self._write(wb, False)
             # Mark applied even on failure: the writes never happened, so readers
             # that start now correctly see the old values.
             self._tracker.mark_applied(group[-1][0])

@@ -144,17 +144,11 @@ def decode_dir(ino: int, raw: bytes | None) -> Inode:
 
 async def has_entries(txn: Transaction, dir_ino: int) -> bool:
     """Whether a directory has any entry (one short range read, a read conflict on it)."""
-    b, e = s.dentry_range(dir_ino)
-    async for _ in txn.get_range(b, e, limit=1):
-        return True
-    return False
+    return await txn.any_in_range(*s.dentry_range(dir_ino))
 
 
 async def has_sessions(txn: Transaction, ino: int) -> bool:
-    b, e = s.session_range(ino)
-    async for _ in txn.get_range(b, e, limit=1):
-        return True
-    return False
+    return await txn.any_in_range(*s.session_range(ino))
 
 
 # ---- writes inside a transaction -------------------------------------------------

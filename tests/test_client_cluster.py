@@ -14,6 +14,7 @@ Other test modules use the fixtures with::
 """
 from __future__ import annotations
 
+import errno
 import os
 import time
 import uuid
@@ -47,6 +48,8 @@ class FlyCluster:
         self.rt = Runtime(f"test-cluster-{uuid.uuid4().hex[:6]}")
         self.meta_port = free_port()
         self._meta = None  # (server, service, engine, cluster link) in-process
+        self._more_metas: list = []   # further in-process metadata servers on the same KV
+        self._stopped: set[str] = set()
         self.meta_proc: Daemon | None = None
 
     @property
@@ -87,6 +90,39 @@ class FlyCluster:
         self._meta = (server, net_server, svc, engine, link)
         await link.register(self.meta_address, net_server.address)
 
+    async def add_meta_server(self) -> str:
+        """Another metadata server on the same KV, registered with mgmtd like the first;
+        returns its flyfs/net address."""
+        _, _, svc, engine, _ = self._meta
+        link = ClusterLink(self.mgmtd_address)
+        svc2 = MetaService(engine, storage=link.storage_ops, chain_table=link.chain_table, space=link.space,
+                           config=svc.config)
+        port = free_port()
+        server, _ = await start_server(svc2, f"127.0.0.1:{port}")
+        net_server = await start_net_server(svc2, "127.0.0.1", 0)
+        await link.register(f"127.0.0.1:{port}", net_server.address)
+        self._more_metas.append((server, net_server, svc2, None, link))
+        return net_server.address
+
+    async def stop_meta_server(self, net_address: str) -> None:
+        """Stop the in-process metadata server serving `net_address` (as if killed: its
+        sockets close and its heartbeats to mgmtd stop)."""
+        for entry in [self._meta, *self._more_metas]:
+            if entry is not None and entry[1].address == net_address:
+                await self._stop_meta(entry)
+                return
+        raise KeyError(net_address)
+
+    async def _stop_meta(self, entry) -> None:
+        server, net_server, svc, _, link = entry
+        if net_server.address in self._stopped:
+            return
+        self._stopped.add(net_server.address)
+        await net_server.close()
+        await server.stop(None)
+        await svc.stop()
+        await link.close()
+
     def stop(self) -> None:
         try:
             self.rt.run(self._stop(), 120)
@@ -96,14 +132,13 @@ class FlyCluster:
             self.rt.stop()
 
     async def _stop(self) -> None:
+        more, self._more_metas = self._more_metas, []
+        for entry in more:
+            await self._stop_meta(entry)
         if self._meta is not None:
-            server, net_server, svc, engine, link = self._meta
-            self._meta = None
-            await net_server.close()
-            await server.stop(None)
-            await svc.stop()
-            await link.close()
-            await engine.close()
+            entry, self._meta = self._meta, None
+            await self._stop_meta(entry)
+            await entry[3].close()      # the engine
         await self.storage.close(check=False)
 
     def connect(self, **config) -> FileSystem:
@@ -151,6 +186,47 @@ def test_reads_fail_over_when_a_storage_node_stops(tmp_path):
             assert f.read_bytes("/survivor") == data
             buf = bytearray(CHUNK)
             assert f.pread("/survivor", buf, 2 * CHUNK) == CHUNK and buf == data[2 * CHUNK:3 * CHUNK]
+        finally:
+            f.close()
+    finally:
+        c.stop()
+
+
+def test_metadata_calls_fail_over_to_another_server(tmp_path):
+    """Two metadata servers on one KV: when the one a client uses goes away, its calls
+    (and close_later's batches) go to the other, and nothing the client did is lost."""
+    c = FlyCluster(tmp_path, nodes=3, targets_per_node=1, replication=2).start()
+    try:
+        second = c.run(c.add_meta_server())
+        first = c._meta[1].address
+        f = c.connect()
+        try:
+            data = os.urandom(3 * CHUNK + 11)
+            f.makedirs("/d")
+            f.write_bytes("/d/a", data)
+            used = f.meta_target
+            assert used in (first, second)
+            c.run(c.stop_meta_server(used))
+            # the next calls find the server gone, retry, then move to the other one
+            assert f.read_bytes("/d/a") == data
+            assert f.meta_target == (second if used == first else first)
+            f.write_bytes("/d/b", b"after")
+            with f.open("/d/empty", "wb"):      # an unwritten file: its close goes by close_later
+                pass
+            f.rename("/d/b", "/d/c")
+            assert sorted(f.listdir("/d")) == ["a", "c", "empty"]
+            assert f.stat("/d/a").st_size == len(data) and f.read_bytes("/d/c") == b"after"
+            f.remove("/d/a")
+            assert sorted(f.listdir("/d")) == ["c", "empty"]
+        finally:
+            f.close()
+        # with both gone, a call fails with EIO after its retries instead of hanging
+        c.run(c.stop_meta_server(second if used == first else first))
+        f = c.connect()
+        try:
+            with pytest.raises(OSError) as e:
+                f.stat("/d/c")
+            assert e.value.errno == errno.EIO
         finally:
             f.close()
     finally:

@@ -400,3 +400,52 @@ async def test_blocking_calls_from_another_thread(served):
     await server.close()
     gone = MetaClient(f"tcp://127.0.0.1:{port}", timeout=2)
     assert await asyncio.to_thread(gone.resolve_now, "/now/f") is None     # unreachable: None
+
+
+@pytest.mark.parametrize("transport", ["net", "grpc"])
+async def test_an_unreachable_server_fails_over_to_another(transport):
+    """Two servers on one KV. When the client's server goes away, the call is retried,
+    then sent to the server `failover` names; without one, it fails with EIO."""
+    from flyfs.client.meta_client import MetaUnreachable
+    from flyfs.metaserver.server import start_server
+    engine = open_engine("memory://")
+    svcs = [make_service(engine), make_service(engine)]
+    await svcs[0].format(root_mode=0o1777)
+    if transport == "net":
+        servers = [await start_net_server(s, "127.0.0.1", 0) for s in svcs]
+        targets = [s.address for s in servers]
+    else:
+        started = [await start_server(s, "127.0.0.1:0") for s in svcs]
+        servers = [srv for srv, _ in started]
+        targets = [f"127.0.0.1:{port}" for _, port in started]
+    asked = []
+
+    async def failover(tried):
+        asked.append(tried)
+        return next((t for t in targets if t not in tried), None)
+
+    c = MetaClient(targets[0], user=ALICE, retries=2, failover=failover)
+    alone = MetaClient(targets[0], user=ALICE, retries=1)
+    try:
+        d = await c.mkdir(ROOT_INO, "d", 0o755)
+        await c.create(d.ino, "f", 0o644)
+        if transport == "net":
+            await servers[0].close()
+        else:
+            await servers[0].stop(None)
+        assert (await c.lookup(d.ino, "f")).is_reg
+        assert c.target == targets[1] and asked == [(targets[0],)]
+        await c.unlink(d.ino, "f")
+        with pytest.raises(FileNotFoundError):
+            await c.lookup(d.ino, "f")
+        with pytest.raises(MetaUnreachable) as e:
+            await alone.getattr(ROOT_INO)
+        assert e.value.errno == errno.EIO and isinstance(e.value, OSError)
+    finally:
+        await c.close_channel()
+        await alone.close_channel()
+        for srv in servers:
+            await (srv.close() if transport == "net" else srv.stop(None))
+        for s in svcs:
+            await s.stop()
+        await engine.close()

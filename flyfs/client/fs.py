@@ -296,6 +296,12 @@ class _SyncMetaClient(MetaClient):
         if ch is not None:
             ch.close()
 
+    def _switch(self, target: str) -> None:
+        super()._switch(target)
+        ch, self._sync_channel, self._tstub = self._sync_channel, None, None
+        if ch is not None:
+            ch.close()
+
 
 class _SyncMgmtdClient(MgmtdClient):
     """MgmtdClient over blocking gRPC channels (fork-safe; see module doc)."""
@@ -471,8 +477,15 @@ class AsyncFileSystem:
                 # gRPC: blocking calls in threads (see the module doc).
                 cls_ = MetaClient if target.startswith(NET_SCHEME) else _SyncMetaClient
                 extra = {} if cls_ is MetaClient else {"executor": executor}
+
+                async def failover(tried, net=target.startswith(NET_SCHEME)):
+                    # Another registered metadata server of the same transport (any server
+                    # serves any client: their state is all in the KV).
+                    routing = await mgmtd.get_routing_info(force=True)
+                    return _pick_meta(routing, address, exclude=tried, net=net)
+
                 meta_client = cls_(target, user=user, client_id=client_id, timeout=config.rpc_timeout,
-                                   cluster_id=cluster_id, **extra)
+                                   cluster_id=cluster_id, failover=None if meta else failover, **extra)
             elif isinstance(meta, MetaService):
                 meta_client = _LocalMeta(meta, user)
             else:
@@ -1457,14 +1470,21 @@ async def _maybe_await(fn) -> None:
         await r
 
 
-def _pick_meta(routing: RoutingInfo, address: str) -> str:
+def _pick_meta(routing: RoutingInfo, address: str, exclude=(), net: bool | None = None) -> str | None:
     """A metadata server from the routing info (alive ones first): its flyfs/net address
-    (tcp://HOST:PORT) when it serves one, else its gRPC HOST:PORT."""
-    metas = routing.meta_nodes(alive_only=True) or routing.meta_nodes(alive_only=False)
-    if not metas:
-        raise ConnectionError(f"flyfs: no metadata server is registered with mgmtd at {address}; "
-                              f"start one with --mgmtd {address}, or pass meta='HOST:PORT' to connect()")
-    return pick_meta_target(random.choice(metas))
+    (tcp://HOST:PORT) when it serves one, else its gRPC HOST:PORT. For a failover
+    (`exclude`: targets tried; `net`: the transport in use), None when no other is left."""
+    def candidates(alive_only):
+        targets = [pick_meta_target(m) for m in routing.meta_nodes(alive_only=alive_only)]
+        return [t for t in targets if t not in exclude and (net is None or t.startswith(NET_SCHEME) == net)]
+
+    targets = candidates(True) or candidates(False)
+    if targets:
+        return random.choice(targets)
+    if exclude:
+        return None
+    raise ConnectionError(f"flyfs: no metadata server is registered with mgmtd at {address}; "
+                          f"start one with --mgmtd {address}, or pass meta='HOST:PORT' to connect()")
 
 
 async def _make_data_plane(mgmtd, client_id: str, config: ClientConfig) -> chunk_io.DataPlane:

@@ -24,6 +24,12 @@ refused, reset or lost connection) is retried with the same request uuid,
 which makes remove and rename exactly-once; a mkdir/create retried after a
 lost answer may report EEXIST, as over NFS. Timeouts and protocol errors are
 not retried; they raise OSError(EIO).
+
+Failover: metadata servers keep no state of their own (it is all in the KV),
+so when the server stays unreachable through those retries, a client given
+``failover`` (an async callable: the targets tried so far -> another target
+or None; flyfs.connect() asks mgmtd's routing info) moves to another server
+and sends the call again there, with the same uuid.
 """
 from __future__ import annotations
 
@@ -51,6 +57,10 @@ NET_SCHEME = "tcp://"
 log = logging.getLogger("flyfs.client.meta")
 MAX_COALESCE = 256      # calls in one coalesced Batch (the server takes up to 1024)
 _ALONE = object()       # a coalescable call with no company: sent as a plain call
+
+
+class MetaUnreachable(OSError):
+    """The metadata server could not be reached through all retries (errno EIO)."""
 
 
 class _NetLink:
@@ -110,8 +120,9 @@ class MetaClient:
     coalesce = True
 
     def __init__(self, target: str, *, user: Caller | None = None, client_id: str | None = None,
-                 timeout: float = 30.0, retries: int = 5, cluster_id: str = ""):
+                 timeout: float = 30.0, retries: int = 5, cluster_id: str = "", failover=None):
         self.target = target
+        self.failover = failover    # async (targets tried) -> another target or None
         self.client_id = client_id or f"{os.uname().nodename}:{os.getpid()}:{uuidlib.uuid4().hex[:8]}"
         self.user = user or default_caller(self.client_id)
         if not self.user.client_id:
@@ -190,11 +201,47 @@ class MetaClient:
         return wire.header(who, uuid, self.cluster_id)
 
     async def _call(self, method: str, build, user: Caller | None):
-        """Send `build(header)`, retrying unreachable-server failures with the same uuid."""
+        """Send `build(header)`, retrying unreachable-server failures with the same uuid,
+        then at another server when `failover` names one."""
         uuid = uuidlib.uuid4().bytes
         request = build(self._header(user, uuid))
-        if self._net:
-            return await self._call_net(method, request)
+        tried = [self.target]
+        while True:
+            try:
+                if self._net:
+                    return await self._call_net(method, request)
+                return await self._call_grpc(method, request)
+            except MetaUnreachable as e:
+                if not await self._fail_over(tried, e):
+                    raise
+
+    async def _fail_over(self, tried: list[str], error: OSError) -> bool:
+        """Move to another metadata server after `error`; False when there is none to try."""
+        if self.target not in tried:    # another caller moved meanwhile: try where it went
+            tried.append(self.target)
+            return True
+        if self.failover is None:
+            return False
+        try:
+            new = await self.failover(tuple(tried))
+        except Exception as e:  # mgmtd unreachable too: report the original failure
+            log.warning("metadata failover: no other server (%s)", e)
+            return False
+        if not new or new in tried or new.startswith(NET_SCHEME) != self._net:
+            return False
+        log.warning("metadata server %s unreachable (%s); moving to %s", self.target, error.strerror, new)
+        self._switch(new)
+        tried.append(new)
+        return True
+
+    def _switch(self, target: str) -> None:
+        """Use `target` (same transport) from now on; connections to it open on first use."""
+        self.target = target
+        channel, self._channel, self._stub = self._channel, None, None
+        if channel is not None:
+            asyncio.ensure_future(channel.close())
+
+    async def _call_grpc(self, method: str, request):
         delay = 0.05
         for attempt in range(self.retries + 1):
             try:
@@ -204,7 +251,8 @@ class MetaClient:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 1.0)
                     continue
-                raise OSError(errno.EIO, f"metadata server {self.target}: {e.code().name}: {e.details()}") from None
+                kind = MetaUnreachable if e.code() in _RETRY_CODES else OSError
+                raise kind(errno.EIO, f"metadata server {self.target}: {e.code().name}: {e.details()}") from None
             if hasattr(reply, "status"):
                 raise_for(reply.status)
             return reply
@@ -250,7 +298,7 @@ class MetaClient:
         except OSError as e:
             for _, _, fut in part:
                 if not fut.done():
-                    fut.set_exception(OSError(e.errno, e.strerror))
+                    fut.set_exception(type(e)(e.errno, e.strerror))
             return
         except asyncio.CancelledError:
             for _, _, fut in part:
@@ -284,7 +332,7 @@ class MetaClient:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 1.0)
                     continue
-                raise OSError(errno.EIO, f"metadata server {self.target}: UNAVAILABLE: {e}") from None
+                raise MetaUnreachable(errno.EIO, f"metadata server {self.target}: UNAVAILABLE: {e}") from None
             finally:
                 link.inflight -= 1
             try:

@@ -22,8 +22,8 @@ from flyfs.storage import (ChainVersionMismatch, ChecksumMismatch, ChunkCorrupte
                            ChunkMeta, ChunkNotCommitted, ChunkNotFound, ChunkSizeExceeded,
                            EngineClosed, InvalidArgument, StaleUpdate, SyncChunkEngine, TargetLocked,
                            VersionMismatch)
-from flyfs.storage.chunk_engine import (APPEND, BASE, COPY, DATA, SHARE, ZERO, CrcMath,
-                                        plan_update)
+from flyfs.storage.chunk_engine import (_INLINE, _KEY_DATA, APPEND, BASE, COPY, DATA, SHARE, ZERO,
+                                        CrcMath, _data_key, plan_update)
 
 BS = 4096
 MAXC = 1 << 20
@@ -46,6 +46,17 @@ def chunk_files(eng: SyncChunkEngine) -> list[str]:
             continue
         out += [os.path.join(eng._chunks_dir, d, f) for f in os.listdir(os.path.join(eng._chunks_dir, d))]
     return sorted(out)
+
+
+def inline_keys(eng: SyncChunkEngine) -> list[bytes]:
+    """The metadata-store keys holding inline chunk bytes."""
+    out = []
+    it = eng._db.iter()
+    it.seek(_KEY_DATA)
+    while it.valid() and it.key().startswith(_KEY_DATA):
+        out.append(it.key())
+        it.next()
+    return out
 
 
 def committed_file(eng: SyncChunkEngine, chunk_id: bytes) -> str:
@@ -905,8 +916,13 @@ CRASH_IDS = [cid(30, i) for i in range(6)]
 CRASH_MAXC = 256 * 1024
 
 
-def child_main(path: str, seed: int, point: str, hits: int, sync_writes: bool = True) -> None:
-    """Write and commit in a loop, reporting intents (P, r) and acknowledgements (A, R)."""
+INLINE_BS = 16 * 1024   # the crash tests with inline chunks: 16 KiB blocks, versions up to 16 KiB inline
+
+
+def child_main(path: str, seed: int, point: str, hits: int, sync_writes: bool = True,
+               inline: bool = False) -> None:
+    """Write and commit in a loop, reporting intents (P, r) and acknowledgements (A, R).
+    With ``inline``, chunks stay around the inline limit, crossing it both ways."""
     count = [0]
 
     def hook(p):
@@ -916,8 +932,10 @@ def child_main(path: str, seed: int, point: str, hits: int, sync_writes: bool = 
                 os.kill(os.getpid(), signal.SIGKILL)
 
     rng = random.Random(seed)
-    eng = SyncChunkEngine(path, block_size=BS, max_chunk_size=CRASH_MAXC,
-                          fault_hook=hook if point else None, sync_writes=sync_writes)
+    small = 8 if inline else 1
+    eng = SyncChunkEngine(path, block_size=INLINE_BS if inline else BS, max_chunk_size=CRASH_MAXC,
+                          fault_hook=hook if point else None, sync_writes=sync_writes,
+                          inline_max=INLINE_BS if inline else 0)
     models, vers = {}, {}
     for i, c in enumerate(CRASH_IDS):
         meta = eng.get_meta(c)
@@ -943,7 +961,7 @@ def child_main(path: str, seed: int, point: str, hits: int, sync_writes: bool = 
             models[i], vers[i] = bytearray(), 0
             continue
         if r < 0.1:
-            data = rng.randbytes(rng.randrange(0, 40000))
+            data = rng.randbytes(rng.randrange(0, 40000 // small))
             crc = crc32c.crc32c(data)
             say(f"P {i} {v} {crc} {len(data)}")
             eng.install(c, data, ChunkMeta(c, v, v, 1, len(data), crc))
@@ -954,13 +972,13 @@ def child_main(path: str, seed: int, point: str, hits: int, sync_writes: bool = 
         for _ in range(1 if r < 0.9 else 2):            # sometimes two stacked updates
             kind = rng.random()
             if kind < 0.15:
-                length = rng.randrange(0, CRASH_MAXC // 2)
+                length = rng.randrange(0, CRASH_MAXC // 2 // small)
                 eng.truncate(c, length, v, 1)
                 new = apply_truncate(new, length)
             else:
-                n = rng.randrange(1, 40000)
+                n = rng.randrange(1, 40000 // small)
                 off = (len(new) if kind < 0.55 else rng.randrange(0, len(new) + 1) if kind < 0.9
-                       else len(new) + rng.randrange(1, 10000))
+                       else len(new) + rng.randrange(1, 10000 // small))
                 off = min(off, CRASH_MAXC - n)
                 data = rng.randbytes(n)
                 meta = eng.prepare_write(c, off, data, v, 1)
@@ -979,10 +997,10 @@ ABSENT = ("absent",)
 
 
 def run_child(path: str, seed: int, *, point: str = "", hits: int = 0, kill_after: float | None = None,
-              sync_writes: bool = True):
+              sync_writes: bool = True, inline: bool = False):
     """Run one child until it dies by SIGKILL; returns its complete output lines."""
     argv = [sys.executable, os.path.abspath(__file__), "child", path, str(seed), point, str(hits),
-            "1" if sync_writes else "0"]
+            "1" if sync_writes else "0", "1" if inline else "0"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     lines: list[str] = []
@@ -1033,9 +1051,16 @@ def check_after_crash(path: str, lines: list[str], state: dict[int, tuple]) -> N
         else:
             state[i] = st
             maybe.pop(i, None)
-    eng = SyncChunkEngine(path, block_size=BS, max_chunk_size=CRASH_MAXC)
+    eng = SyncChunkEngine(path, block_size=BS, max_chunk_size=CRASH_MAXC, inline_max=INLINE_BS)
     try:
         referenced = set()
+        referenced_keys = set()
+
+        def note(c, rec):
+            if rec.seq & _INLINE:
+                referenced_keys.add(_data_key(c, rec.seq))
+            else:
+                referenced.add(eng._file(c, rec.seq))
         for i, c in enumerate(CRASH_IDS):
             meta = eng.get_meta(c)
             if meta is None or not meta.committed:
@@ -1045,27 +1070,30 @@ def check_after_crash(path: str, lines: list[str], state: dict[int, tuple]) -> N
                 assert m.crc == crc32c.crc32c(data) and m.length == len(data)
                 eng.verify(c)
                 got = (m.commit_ver, crc32c.crc32c(data), len(data))
-                referenced.add(committed_file(eng, c))
+                note(c, eng._load(c)[0])
             if meta is not None and meta.has_pending:
-                referenced.add(eng._file(c, eng._load(c)[1].seq))
+                note(c, eng._load(c)[1])
             allowed = {state.get(i, ABSENT), maybe.get(i, state.get(i, ABSENT))}
             assert got in allowed, f"chunk {i}: found {got}, acknowledged {allowed}"
             state[i] = got
         assert set(chunk_files(eng)) == referenced     # crash leftovers were collected
+        assert set(inline_keys(eng)) == referenced_keys
     finally:
         eng.close()
 
 
-@pytest.mark.parametrize("sync_writes", [True, False], ids=["synced", "unsynced"])
-def test_crash_random_sigkill(tmp_path, sync_writes):
-    """Without per-update syncs too: a killed process leaves its writes in the kernel."""
+@pytest.mark.parametrize("sync_writes,inline", [(True, False), (False, False), (False, True)],
+                         ids=["synced", "unsynced", "unsynced-inline"])
+def test_crash_random_sigkill(tmp_path, sync_writes, inline):
+    """Without per-update syncs too: a killed process leaves its writes in the kernel.
+    And with small chunks kept inline in the metadata store."""
     path = str(tmp_path / "crash")
     rng = random.Random(os.getpid())
     state: dict[int, tuple] = {}
     acked = 0
     for run in range(5):
         lines = run_child(path, rng.randrange(1 << 30), kill_after=rng.uniform(0.05, 0.8),
-                          sync_writes=sync_writes)
+                          sync_writes=sync_writes, inline=inline)
         acked += sum(ln.startswith("A ") for ln in lines)
         check_after_crash(path, lines, state)
     assert acked >= 5, "the children made too little progress to test anything"
@@ -1073,15 +1101,173 @@ def test_crash_random_sigkill(tmp_path, sync_writes):
 
 @pytest.mark.parametrize("point", ["prepare.written", "prepare.synced", "prepare.stored",
                                    "commit.before", "commit.synced", "install.before", "remove.synced"])
-@pytest.mark.parametrize("sync_writes", [True, False], ids=["synced", "unsynced"])
-def test_crash_at_each_step(tmp_path, point, sync_writes):
+@pytest.mark.parametrize("sync_writes,inline", [(True, False), (False, False), (False, True)],
+                         ids=["synced", "unsynced", "unsynced-inline"])
+def test_crash_at_each_step(tmp_path, point, sync_writes, inline):
     path = str(tmp_path / "crash")
     state: dict[int, tuple] = {}
     rng = random.Random(point)
     for run in range(2):
         lines = run_child(path, rng.randrange(1 << 30), point=point, hits=rng.randrange(1, 15),
-                          sync_writes=sync_writes)
+                          sync_writes=sync_writes, inline=inline)
         check_after_crash(path, lines, state)
+
+
+# ------------------------------------------------------------------ small chunks inline
+
+@pytest.fixture
+def ieng(tmp_path):
+    e = SyncChunkEngine(str(tmp_path / "inline"), block_size=BS, max_chunk_size=MAXC, inline_max=BS,
+                        sync_writes=False)
+    yield e
+    e.close()
+
+
+def test_small_chunks_live_in_the_metadata_store(ieng):
+    """Versions up to inline_max bytes: no file; bytes next to the record; a commit drops
+    the version it replaced; growing past the limit moves the chunk to a file with its
+    bytes, shrinking back brings it inline again; reads, verify and removal as for files."""
+    eng, c = ieng, cid(50, 0)
+    a = rnd(1000)
+    m = eng.prepare_write(c, 0, a, 1, 1)
+    assert m.pending_length == 1000 and m.pending_crc == crc32c.crc32c(a)
+    with pytest.raises(ChunkNotCommitted):
+        eng.read(c, 0, 10)
+    eng.commit(c, 1)
+    assert chunk_files(eng) == [] and len(inline_keys(eng)) == 1
+    assert eng.read(c, 0, 4096)[0] == a and eng.read(c, 10, 20)[0] == a[10:30]
+    model = apply_write(a, 500, b"x" * 3000)                 # 3500 bytes: still inline
+    eng.prepare_write(c, 500, b"x" * 3000, 2, 1)
+    assert len(inline_keys(eng)) == 2                        # committed and pending
+    assert eng.read(c, 0, 4096)[0] == a                      # readers see the committed one
+    eng.commit(c, 2)
+    assert len(inline_keys(eng)) == 1 and eng.read(c, 0, 4096)[0] == model
+    model = apply_write(model, 3000, rnd(3 * BS))            # past inline_max: a file
+    eng.prepare_write(c, 3000, model[3000:], 3, 1)
+    eng.commit(c, 3)
+    assert len(chunk_files(eng)) == 1 and inline_keys(eng) == []
+    assert eng.read(c, 0, MAXC)[0] == model and eng.verify(c).length == len(model)
+    model = apply_truncate(model, 100)                       # a shrink of a file shares it
+    eng.truncate(c, 100, 4, 1)
+    eng.commit(c, 4)
+    assert eng.read(c, 0, MAXC)[0] == model
+    model = apply_write(model, 100, b"tail")                 # then the next update is inline
+    eng.prepare_write(c, 100, b"tail", 5, 1)
+    eng.commit(c, 5)
+    assert chunk_files(eng) == [] and len(inline_keys(eng)) == 1
+    assert eng.read(c, 0, MAXC)[0] == model
+    model = apply_truncate(model, 3000)                      # an extending truncate, inline
+    eng.truncate(c, 3000, 6, 1)
+    eng.commit(c, 6)
+    assert eng.read(c, 0, MAXC)[0] == model and eng.verify(c).crc == crc32c.crc32c(model)
+    assert eng.used_bytes() == 3000
+    eng.prepare_write(c, 0, b"dropped", 7, 1)
+    assert eng.abort(c).commit_ver == 6 and len(inline_keys(eng)) == 1
+    assert eng.remove([c]) == 1 and inline_keys(eng) == [] and eng.used_bytes() == 0
+
+
+def test_a_damaged_inline_chunk_is_an_error_never_data(ieng):
+    eng, c = ieng, cid(51, 0)
+    eng.prepare_write(c, 0, b"precious bytes", 1, 1)
+    eng.commit(c, 1)
+    key, = inline_keys(eng)
+    eng._db.put(key, b"precious bytez")
+    with pytest.raises(ChecksumMismatch):
+        eng.read(c, 0, 100)
+    with pytest.raises(ChecksumMismatch):                    # nor laundered into an update
+        eng.prepare_write(c, 0, b"P", 2, 1)
+    eng._db.delete(key)
+    with pytest.raises(ChunkCorrupted):
+        eng.read(c, 0, 100)
+
+
+def test_install_and_recovery_with_inline_chunks(tmp_path):
+    """A resync install of a small chunk is inline; at open, inline bytes no record names
+    are removed and a pending version whose bytes are gone is dropped."""
+    path = str(tmp_path / "t")
+    eng = SyncChunkEngine(path, block_size=BS, max_chunk_size=MAXC, inline_max=BS, sync_writes=False)
+    a, b = cid(52, 0), cid(52, 1)
+    data = rnd(2000)
+    eng.install(a, data, ChunkMeta(a, 3, 3, 1, len(data), crc32c.crc32c(data)))
+    assert chunk_files(eng) == [] and eng.read(a, 0, MAXC)[0] == data
+    eng.prepare_write(b, 0, b"one", 1, 1)
+    eng.commit(b, 1)
+    eng.prepare_write(b, 0, b"two", 2, 1)
+    orphan = _data_key(b, 999 | _INLINE)
+    eng._db.put(orphan, b"left by a crash")
+    pending_key = _data_key(b, eng._load(b)[1].seq)
+    eng._db.delete(pending_key)
+    eng.close()
+    eng = SyncChunkEngine(path, block_size=BS, max_chunk_size=MAXC, inline_max=BS)
+    try:
+        assert eng.recovery["garbage_files"] == 1 and eng.recovery["dropped_pending"] == 1
+        assert orphan not in inline_keys(eng)
+        m = eng.get_meta(b)
+        assert m.commit_ver == 1 and not m.has_pending and eng.read(b, 0, 10)[0] == b"one"
+        assert eng.read(a, 0, MAXC)[0] == data and eng.get_meta(a).commit_ver == 3
+        assert eng._next_seq > 999          # sequence numbers of inline versions count too
+    finally:
+        eng.close()
+
+
+def test_run_now_stages_small_updates_without_files_and_refuses_the_rest(ieng):
+    """run_now (the loop's way in): an inline update completes; one that needs a file
+    raises WouldBlock having changed nothing; a file a record stopped naming is handed
+    back for removal elsewhere."""
+    from flyfs.storage.chunk_engine import WouldBlock
+    eng, c = ieng, cid(53, 0)
+    meta, deferred = eng.run_now(eng.prepare_write, c, 0, b"small", 1, 1)
+    assert meta.pending_length == 5 and deferred == []
+    (meta, deferred) = eng.run_now(eng.commit, c, 1)
+    assert meta.commit_ver == 1 and eng.read(c, 0, 10)[0] == b"small"
+    big = rnd(2 * BS)
+    with pytest.raises(WouldBlock):
+        eng.run_now(eng.prepare_write, c, 0, big, 2, 1)
+    assert eng.get_meta(c).update_ver == 1 and chunk_files(eng) == []
+    eng.prepare_write(c, 0, big, 2, 1)                       # on a thread: a file
+    eng.commit(c, 2)
+    file_, = chunk_files(eng)
+    with pytest.raises(WouldBlock):                          # a write into the file's bytes
+        eng.run_now(eng.prepare_write, c, 10, b"x", 3, 1)
+    with pytest.raises(WouldBlock):                          # a cut inside a block reads it
+        eng.run_now(eng.truncate, c, 100, 3, 1)
+    meta, deferred = eng.run_now(eng.truncate, c, BS, 3, 1)   # at a block boundary: no read
+    assert meta.pending_length == BS and deferred == []
+    eng.commit(c, 3)
+    whole = rnd(BS)
+    meta, deferred = eng.run_now(eng.prepare_write, c, 0, whole, 4, 1)  # all of it: inline again
+    assert deferred == []
+    meta, deferred = eng.run_now(eng.commit, c, 4)
+    assert deferred and os.path.exists(file_)                # the file is left to the caller
+    eng.unlink_later(deferred)
+    assert chunk_files(eng) == [] and eng.read(c, 0, MAXC)[0] == whole
+    eng.prepare_write(c, 0, b"?", 5, 1)
+    with pytest.raises(WouldBlock):
+        eng.run_now(eng.abort, c)
+    assert eng.get_meta(c).has_pending
+    sync = SyncChunkEngine(eng.path + "-synced", block_size=BS, inline_max=BS)
+    try:
+        with pytest.raises(WouldBlock):                      # every update waits on a sync
+            sync.run_now(sync.prepare_write, c, 0, b"x", 1, 1)
+    finally:
+        sync.close()
+
+
+async def test_async_small_updates_skip_the_engine_threads(tmp_path, monkeypatch):
+    async with await ChunkEngine.open(str(tmp_path / "a"), block_size=BS, max_chunk_size=MAXC,
+                                      sync_writes=False, inline_max=BS) as e:
+        ran, real_run = [], e._pool.run
+        monkeypatch.setattr(e._pool, "run", lambda fn: ran.append(fn) or real_run(fn))
+        c = cid(54, 0)
+        await e.prepare_write(c, 0, b"hello", 1, 1)
+        await e.commit(c, 1)
+        assert (await e.read(c, 0, 5, bytearray(5)))[0] == 5
+        assert ran == []
+        data = rnd(3 * BS)
+        await e.prepare_write(c, 0, data, 2, 1)                  # a file: on an engine thread
+        assert len(ran) == 1
+        await e.commit(c, 2)
+        assert (await e.read(c, 0, MAXC))[0] == data
 
 
 # ------------------------------------------------------------------ benchmark (prints, never asserts speed)
@@ -1215,4 +1401,5 @@ if __name__ == "__main__":
     if len(sys.argv) >= 2 and sys.argv[1] == "child":
         child_main(sys.argv[2], int(sys.argv[3]), sys.argv[4] if len(sys.argv) > 4 else "",
                    int(sys.argv[5]) if len(sys.argv) > 5 else 0,
-                   sys.argv[6] != "0" if len(sys.argv) > 6 else True)
+                   sys.argv[6] != "0" if len(sys.argv) > 6 else True,
+                   len(sys.argv) > 7 and sys.argv[7] == "1")

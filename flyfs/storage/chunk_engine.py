@@ -3,7 +3,8 @@
 A target is one directory::
 
     DIR/LOCK              fcntl lock held by the owning process (holds its pid)
-    DIR/meta/             rocksdict: one key per chunk, b"c" + chunk id
+    DIR/meta/             rocksdict: one key per chunk, b"c" + chunk id; the bytes of
+                          small (inline) versions at b"d" + chunk id + seq
     DIR/chunks/XX/ID.SEQ  chunk data; XX = crc32c(id) & 0xff (fan-out), ID = hex id,
                           SEQ = hex per-target file sequence number (never reused)
 
@@ -56,6 +57,16 @@ a pending version whose file is gone is dropped. A metadata write is a plain
 rocksdict ``put``/``write`` followed by ``flush_wal(sync=True)``: a synced put
 holds the GIL during its fsync (it would stall the event loop), flush_wal
 releases it, and concurrent commits share one WAL sync.
+
+Small chunks in the metadata store (``inline_max``, 0 = off). A version of
+at most ``inline_max`` bytes (at most one block) keeps its bytes under its own
+key next to the chunk's record (``b"d" + id + seq``, seq with the top bit set)
+instead of in a file, written in the same atomic batch as the record: no file
+to create, open, sync and unlink per small chunk, and an update that needs no
+file (every small write) can run without the hop to an engine thread
+(``ChunkEngine`` does it on the loop, see ``run_now``). Versions that grow past
+``inline_max`` move to a file by the copy path; reads, commits, removal,
+resync and recovery treat both kinds alike.
 
 Checksums: every chunk version records the crc32c of each ``block_size`` block
 (64 KiB by default) and of the whole content (the whole crc is folded from the
@@ -113,6 +124,8 @@ FORMAT = 1
 
 _KEY_CONFIG = b"#config"
 _KEY_CHUNK = b"c"
+_KEY_DATA = b"d"            # + chunk id + 8-byte seq: the bytes of an inline version
+_INLINE = 1 << 63           # the seq bit of a version whose bytes are inline
 _FANOUT = 256
 _SPARE_DIR = "spare"
 _SPARE_MAX = 4096   # empty files made ahead per target, at most (see SyncChunkEngine._new_file)
@@ -124,6 +137,10 @@ _FD_DIR = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else None
 
 def _hex(chunk_id: bytes) -> str:
     return chunk_id.hex()
+
+
+def _data_key(chunk_id: bytes, seq: int) -> bytes:
+    return _KEY_DATA + chunk_id + seq.to_bytes(8, "big")
 
 
 # --------------------------------------------------------------------------- crc math (pure)
@@ -618,8 +635,9 @@ class SyncChunkEngine:
     def __init__(self, path: str, *, max_chunk_size: int = DEFAULT_MAX_CHUNK_SIZE,
                  block_size: int = DEFAULT_BLOCK_SIZE,
                  fault_hook: Callable[[str], None] | None = None, sync_writes: bool = True,
-                 direct_io: bool = True):
+                 direct_io: bool = True, inline_max: int = 0):
         _check_int("max_chunk_size", max_chunk_size, 1)
+        _check_int("inline_max", inline_max)
         if block_size & (block_size - 1) or not 4 * KiB <= block_size <= 64 * MiB:
             raise InvalidArgument(f"block_size must be a power of two in 4 KiB..64 MiB, got {block_size}")
         self.path = os.path.abspath(path)
@@ -655,6 +673,7 @@ class SyncChunkEngine:
                     log.info("target %s keeps its block size %d (asked %d)", self.path,
                              self.block_size, block_size)
             self._crc = CrcMath(self.block_size)
+            self.inline_max = min(inline_max, self.block_size)   # an inline version is one block
             self._chunks_dir = os.path.join(self.path, "chunks")
             fresh = not os.path.isdir(self._chunks_dir)
             for i in range(_FANOUT):
@@ -718,6 +737,39 @@ class SyncChunkEngine:
     def _file(self, chunk_id: bytes, seq: int) -> str:
         return os.path.join(self._dir_of(chunk_id), f"{_hex(chunk_id)}.{seq:x}")
 
+    @property
+    def nowait(self) -> bool:
+        """Whether this thread runs under ``run_now`` (no file I/O allowed)."""
+        return getattr(self._local, "nowait", False)
+
+    def would_block(self) -> None:
+        """Raise WouldBlock under ``run_now``: for steps that always touch files."""
+        if getattr(self._local, "nowait", False):
+            raise WouldBlock()
+
+    def run_now(self, fn, *args, **kwargs):
+        """``fn(*args)`` on this thread with no file I/O (for an event loop): every step
+        that would touch a file raises WouldBlock before changing anything, except
+        removing a file no record names any more, which is deferred. Returns
+        ``(result, deferred)``: run ``unlink_later(deferred)`` on a thread that may block.
+        On WouldBlock the caller runs ``fn`` again on such a thread."""
+        if self.sync_writes:
+            raise WouldBlock()          # every update waits on a disk sync
+        loc = self._local
+        loc.nowait, loc.deferred = True, []
+        try:
+            return fn(*args, **kwargs), loc.deferred
+        except BaseException as e:
+            if loc.deferred:
+                e.deferred_unlinks = loc.deferred
+            raise
+        finally:
+            loc.nowait = False
+
+    def unlink_later(self, deferred: list[tuple[bytes, int]]) -> None:
+        for cid, seq in deferred:
+            self._unlink(cid, seq)
+
     def _new_seq(self) -> int:
         with self._mu:
             seq = self._next_seq
@@ -733,10 +785,18 @@ class SyncChunkEngine:
         raw = self._check_open().get(_KEY_CHUNK + chunk_id)
         return (None, None) if raw is None else _decode(raw)
 
-    def _store(self, chunk_id: bytes, c: _Rec | None, p: _Rec | None, *, sync: bool) -> None:
+    def _store(self, chunk_id: bytes, c: _Rec | None, p: _Rec | None, *, sync: bool,
+               data: bytes | None = None) -> None:
+        """Write the chunk's record (and, with ``data``, the bytes of the inline version
+        it names, in the same atomic batch)."""
         db = self._check_open()
         key = _KEY_CHUNK + chunk_id
-        if c is None and p is None:
+        if data is not None:
+            wb = WriteBatch(raw_mode=True)
+            wb.put(_data_key(chunk_id, (p or c).seq), data)
+            wb.put(key, _encode(c, p))
+            db.write(wb, _NO_SYNC)
+        elif c is None and p is None:
             db.delete(key, _NO_SYNC)
         else:
             db.put(key, _encode(c, p), _NO_SYNC)
@@ -800,6 +860,12 @@ class SyncChunkEngine:
         return bool(self._dirty_files or self._dirty_dirs or self._dirty_meta)
 
     def _unlink(self, chunk_id: bytes, seq: int) -> None:
+        if seq & _INLINE:
+            self._check_open().delete(_data_key(chunk_id, seq), _NO_SYNC)
+            return
+        if getattr(self._local, "nowait", False):
+            self._local.deferred.append((chunk_id, seq))
+            return
         # Not kept for reuse: emptying a file just written costs ~70 us here (its
         # delayed allocations are undone) and ext4 then flushes the file again when
         # it is reused and closed (auto_da_alloc), more than a create (measured).
@@ -899,14 +965,14 @@ class SyncChunkEngine:
             c, p = _decode(it.value())
             chunks += 1
             if c is not None:
-                max_seq = max(max_seq, c.seq)
-                if not os.path.exists(self._file(cid, c.seq)):
+                max_seq = max(max_seq, c.seq & ~_INLINE)
+                if not self._exists(cid, c.seq):
                     missing += 1
                     log.error("target %s: chunk %s commit version %d: data file is missing",
                               self.path, _hex(cid), c.ver)
             if p is not None:
-                max_seq = max(max_seq, p.seq)
-                if not os.path.exists(self._file(cid, p.seq)):
+                max_seq = max(max_seq, p.seq & ~_INLINE)
+                if not self._exists(cid, p.seq):
                     dropped += 1
                     fixes.append((cid, c))
                     p = None
@@ -915,7 +981,26 @@ class SyncChunkEngine:
         del it
         for cid, c in fixes:
             self._store(cid, c, None, sync=False)
-        if fixes:
+        # Inline bytes no record names (a crash between a commit and the removal of
+        # the version it replaced) go, as garbage files do below.
+        it = db.iter()
+        it.seek(_KEY_DATA)
+        orphans = []
+        while it.valid():
+            key = it.key()
+            if not key.startswith(_KEY_DATA):
+                break
+            cid, seq = key[len(_KEY_DATA):-8], int.from_bytes(key[-8:], "big")
+            max_seq = max(max_seq, seq & ~_INLINE)
+            c, p = self._load(cid)
+            if not any(r is not None and r.seq == seq for r in (c, p)):
+                orphans.append(key)
+            it.next()
+        del it
+        for key in orphans:
+            db.delete(key, _NO_SYNC)
+        garbage += len(orphans)
+        if fixes or orphans:
             db.flush_wal(True)
         for i in range(_FANOUT):
             d = os.path.join(self._chunks_dir, f"{i:02x}")
@@ -990,19 +1075,28 @@ class SyncChunkEngine:
         self._check_update(cid, c, p, update_ver, chain_ver)
         base = p or c
         bl = base.length if base else 0
-        live = _live_len(base.seq, c, p) if base else None
+        inline_base = base is not None and bool(base.seq & _INLINE)
+        # An inline base has no file to share or append to: every update copies it.
+        live = _live_len(base.seq, c, p) if base and not inline_base else None
         mv = None
         if write is not None:
             off, mv = write
             plan = plan_update(self.block_size, bl, live, write=(off, len(mv)))
         else:
             plan = plan_update(self.block_size, bl, live, truncate=truncate)
+        if plan.mode != SHARE and plan.new_len <= self.inline_max:
+            return self._update_inline(cid, c, p, base, plan, mv, update_ver, chain_ver)
+        if getattr(self._local, "nowait", False) and not (
+                plan.mode == SHARE and (inline_base or not len(plan.changed))):
+            raise WouldBlock()
 
-        base_fd = None
+        base_fd = base_data = None
         try:
-            if base is not None and (plan.mode == COPY or len(plan.changed)):
+            if inline_base:
+                base_data = self._inline_bytes(cid, base)
+            elif base is not None and (plan.mode == COPY or len(plan.changed)):
                 base_fd = self._open_rec(cid, base, os.O_RDONLY)
-            new_crcs = self._updated_crcs(cid, plan, base, base_fd, mv)
+            new_crcs = self._updated_crcs(cid, plan, base, base_fd, mv, base_data)
             if plan.mode == SHARE:
                 seq = base.seq
             elif plan.mode == APPEND:
@@ -1010,7 +1104,7 @@ class SyncChunkEngine:
                 self._write_append(cid, base, live, plan, mv)
             else:
                 seq = self._new_seq()
-                self._write_copy(cid, seq, base_fd, plan, mv)
+                self._write_copy(cid, seq, base_fd, plan, mv, base_data)
         finally:
             if base_fd is not None:
                 os.close(base_fd)
@@ -1029,15 +1123,71 @@ class SyncChunkEngine:
         self._add_used(_usage(c, new) - _usage(c, p))
         return _meta(cid, c, new)
 
+    def _update_inline(self, cid: bytes, c: _Rec | None, p: _Rec | None, base: _Rec | None, plan: Plan,
+                       mv: memoryview | None, update_ver: int, chain_ver: int) -> ChunkMeta:
+        """Stage a version of at most inline_max bytes: its bytes and the record in one batch."""
+        need = max([e for _, e, kind in plan.segments if kind == BASE], default=0)
+        if need and not base.seq & _INLINE and getattr(self._local, "nowait", False):
+            raise WouldBlock()      # the kept bytes are in the base's file
+        buf = bytearray(plan.new_len)
+        if need:
+            if base.seq & _INLINE:
+                kept = self._inline_bytes(cid, base)
+            else:
+                fd = self._open_rec(cid, base, os.O_RDONLY)
+                try:
+                    kept = self._read_base_block(cid, base, fd, 0)
+                finally:
+                    os.close(fd)
+            for s, e, kind in plan.segments:
+                if kind == BASE:
+                    buf[s:e] = kept[s:e]
+        for s, e, kind in plan.segments:
+            if kind == DATA:
+                buf[s:e] = mv[s - plan.data_offset:e - plan.data_offset]
+        crcs = self._crc.block_crcs(memoryview(buf))
+        seq = self._new_seq() | _INLINE
+        new = _Rec(update_ver, chain_ver, plan.new_len, seq, self._crc.fold(crcs, plan.new_len), crcs)
+        self._fp("prepare.synced")
+        self._store(cid, c, new, sync=False, data=bytes(buf))
+        self._fp("prepare.stored")
+        if p is not None and (c is None or p.seq != c.seq):
+            self._unlink(cid, p.seq)
+        self._add_used(_usage(c, new) - _usage(c, p))
+        return _meta(cid, c, new)
+
+    def _inline_bytes(self, cid: bytes, rec: _Rec) -> memoryview:
+        """The bytes of inline version ``rec``, checked against its recorded crc."""
+        raw = self._check_open().get(_data_key(cid, rec.seq))
+        if raw is None or len(raw) < rec.length:
+            raise ChunkCorrupted(f"chunk {_hex(cid)}: the bytes of version {rec.ver} are "
+                                 f"{'missing' if raw is None else 'short'}")
+        mv = memoryview(raw)[:rec.length]
+        got = crc32c(mv)
+        want = rec.crcs[0] if len(rec.crcs) else 0
+        if got != want:
+            raise ChecksumMismatch(f"chunk {_hex(cid)}: checksum mismatch in block 0 of version "
+                                   f"{rec.ver} (recorded {want:08x}, stored {got:08x})")
+        return mv
+
+    def _exists(self, cid: bytes, seq: int) -> bool:
+        if seq & _INLINE:
+            return self._check_open().get(_data_key(cid, seq)) is not None
+        return os.path.exists(self._file(cid, seq))
+
     def _open_rec(self, cid: bytes, rec: _Rec, flags: int) -> int:
         try:
             return os.open(self._file(cid, rec.seq), flags | os.O_CLOEXEC)
         except FileNotFoundError:
             raise ChunkCorrupted(f"chunk {_hex(cid)}: data file of version {rec.ver} is missing") from None
 
-    def _read_base_block(self, cid: bytes, base: _Rec, fd: int, i: int) -> memoryview:
-        """Block i of the base version, checked against its recorded crc."""
+    def _read_base_block(self, cid: bytes, base: _Rec, fd: int | None, i: int,
+                         base_data: memoryview | None = None) -> memoryview:
+        """Block i of the base version, checked against its recorded crc (from
+        ``base_data`` for an inline base, already checked)."""
         bs = self.block_size
+        if base_data is not None:
+            return base_data[i * bs:(i + 1) * bs]
         start = i * bs
         n = min(bs, base.length - start)
         buf = memoryview(bytearray(n))
@@ -1051,7 +1201,7 @@ class SyncChunkEngine:
         return buf
 
     def _updated_crcs(self, cid: bytes, plan: Plan, base: _Rec | None, base_fd: int | None,
-                      mv: memoryview | None) -> array:
+                      mv: memoryview | None, base_data: memoryview | None = None) -> array:
         bs = self.block_size
         nb = -(-plan.new_len // bs)
         crcs = array("I", base.crcs[:min(nb, plan.changed.start if len(plan.changed) else nb)]) \
@@ -1077,7 +1227,7 @@ class SyncChunkEngine:
                     c = base.crcs[i]
                 else:
                     if base_block is None:
-                        base_block = self._read_base_block(cid, base, base_fd, i)
+                        base_block = self._read_base_block(cid, base, base_fd, i, base_data)
                     c = crc32c(base_block[a - b0:b - b0], c)
             crcs.append(c)
         if len(crcs) < nb:
@@ -1101,13 +1251,15 @@ class SyncChunkEngine:
             os.close(fd)
 
     def _write_copy(self, cid: bytes, seq: int, base_fd: int | None, plan: Plan,
-                    mv: memoryview | None) -> None:
+                    mv: memoryview | None, base_data: memoryview | None = None) -> None:
         path = self._file(cid, seq)
         fd = self._new_file(path)
         try:
             for s, e, kind in plan.segments:
                 if kind == DATA:
                     self._direct.write(path, fd, mv[s - plan.data_offset:e - plan.data_offset], s)
+                elif kind == BASE and base_data is not None:
+                    _pwrite_full(fd, base_data[s:e], s)
                 elif kind == BASE:
                     _copy_range(base_fd, fd, s, e - s)
             os.ftruncate(fd, plan.new_len)
@@ -1170,6 +1322,7 @@ class SyncChunkEngine:
     def abort(self, chunk_id: bytes) -> ChunkMeta | None:
         """Drop the pending version; returns the remaining meta (None if nothing remains)."""
         cid = _check_id(chunk_id)
+        self.would_block()      # rare (a stuck update): never on the loop
         with self._locks.hold(cid):
             c, p = self._load(cid)
             if p is None:
@@ -1201,15 +1354,18 @@ class SyncChunkEngine:
         if whole != meta.crc:
             raise ChecksumMismatch(f"chunk {_hex(cid)}: install data has crc {whole:08x}, "
                                    f"meta says {meta.crc:08x}")
+        self.would_block()
         with self._locks.hold(cid):
             c, p = self._load(cid)
-            seq = self._new_seq()
-            plan = Plan(len(mv), ((0, len(mv), DATA),) if len(mv) else (), COPY, range(0))
-            self._write_copy(cid, seq, None, plan, mv)
+            inline = 0 < len(mv) <= self.inline_max
+            seq = self._new_seq() | (_INLINE if inline else 0)
+            if not inline:
+                plan = Plan(len(mv), ((0, len(mv), DATA),) if len(mv) else (), COPY, range(0))
+                self._write_copy(cid, seq, None, plan, mv)
             new = _Rec(meta.commit_ver, meta.chain_ver, len(mv), seq, whole, crcs)
             self._fp("install.before")
             try:
-                self._store(cid, new, None, sync=True)
+                self._store(cid, new, None, sync=True, data=bytes(mv) if inline else None)
             except BaseException:
                 self._unlink(cid, seq)
                 raise
@@ -1299,6 +1455,9 @@ class SyncChunkEngine:
     def _read_committed(self, cid: bytes, c: _Rec, offset: int, dst: memoryview, nowait: bool = False) -> None:
         bs = self.block_size
         n = len(dst)
+        if c.seq & _INLINE:
+            dst[:] = self._inline_bytes(cid, c)[offset:offset + n]
+            return
         first, last = offset // bs, (offset + n - 1) // bs
         start, end = first * bs, min((last + 1) * bs, c.length)
         # The rest of the first and last blocks (for their checksums) lands in this
@@ -1561,24 +1720,54 @@ class ChunkEngine:
         fut.add_done_callback(self._inflight.discard)
         return await fut
 
-    async def _locked(self, chunk_ids: list[bytes], fn, *args, **kwargs):
+    async def _locked(self, chunk_ids: list[bytes], fn, *args, now: bool = False, **kwargs):
+        """``fn(*args)`` holding the update locks of ``chunk_ids``: in the pool, or with
+        ``now`` first on the loop when it needs no file (see ``_now``)."""
         async with self._locks.hold(chunk_ids):
+            if now and self.sync.inline_max and not self._closing:
+                try:
+                    return self._now(fn, *args, **kwargs)
+                except WouldBlock:
+                    pass
             return await self._run(fn, *args, **kwargs)
 
+    def _now(self, fn, *args, **kwargs):
+        # Updates of inline chunks are RocksDB reads and one unsynced batch write (the
+        # WAL in the page cache, the memtable), cheaper here than the trip to an engine
+        # thread and back, as commits are (see ``commit``); files a record stopped
+        # naming are removed on an engine thread afterwards.
+        try:
+            result, deferred = self.sync.run_now(fn, *args, **kwargs)
+        except BaseException as e:
+            self._unlink_later(getattr(e, "deferred_unlinks", None))
+            raise
+        self._unlink_later(deferred)
+        return result
+
+    def _unlink_later(self, deferred) -> None:
+        if deferred:
+            fut = self._pool.run(lambda: self.sync.unlink_later(deferred))
+            self._inflight.add(fut)
+            fut.add_done_callback(self._inflight.discard)
+            fut.add_done_callback(_unlinked)
+
     async def call(self, chunk_ids: list[bytes], fn: Callable[["SyncChunkEngine"], object]):
-        """Run ``fn(core)`` in the engine's pool holding the update locks of ``chunk_ids``:
-        several steps of one request (look up, decide, stage) for one thread hop."""
-        return await self._locked(sorted({_check_id(c) for c in chunk_ids}), fn, self.sync)
+        """Run ``fn(core)`` holding the update locks of ``chunk_ids``: several steps of one
+        request (look up, decide, stage) for one thread hop, or none: ``fn`` runs on the
+        loop first when the engine keeps small chunks inline, and again in the pool if
+        a step raised WouldBlock (``SyncChunkEngine.run_now``), so it must change
+        nothing before a step that may raise it."""
+        return await self._locked(sorted({_check_id(c) for c in chunk_ids}), fn, self.sync, now=True)
 
     async def prepare_write(self, chunk_id: bytes, offset: int, data, update_ver: int, chain_ver: int,
                             *, chunk_size: int | None = None) -> ChunkMeta:
         return await self._locked([_check_id(chunk_id)], self.sync.prepare_write, chunk_id, offset, data,
-                                  update_ver, chain_ver, chunk_size=chunk_size)
+                                  update_ver, chain_ver, chunk_size=chunk_size, now=True)
 
     async def truncate(self, chunk_id: bytes, length: int, update_ver: int, chain_ver: int, *,
                        chunk_size: int | None = None) -> ChunkMeta:
         return await self._locked([_check_id(chunk_id)], self.sync.truncate, chunk_id, length,
-                                  update_ver, chain_ver, chunk_size=chunk_size)
+                                  update_ver, chain_ver, chunk_size=chunk_size, now=True)
 
     async def commit(self, chunk_id: bytes, update_ver: int, chain_ver: int | None = None) -> ChunkMeta:
         cid = _check_id(chunk_id)

@@ -93,6 +93,9 @@ class StorageConfig:
     # (STORAGE_FLUSH). True: every update is fdatasync'd before it is acknowledged.
     sync_writes: bool = False
     flush_interval: float = 5.0
+    # Chunks of at most this many bytes keep their data in the target's metadata
+    # store, not in files (chunk_engine.py, "Small chunks"); 0: every chunk in a file.
+    inline_max: int = 64 * 1024
 
 
 class StatusError(Exception):
@@ -393,7 +396,7 @@ class StorageServer:
         if len(node_ids) > 1:
             raise ValueError(f"data directories belong to different storage nodes {sorted(node_ids)}")
         self.node_id = node_ids.pop() if node_ids else 0
-        kw = {"sync_writes": self.config.sync_writes}
+        kw = {"sync_writes": self.config.sync_writes, "inline_max": self.config.inline_max}
         if self.config.max_chunk_size:
             kw["max_chunk_size"] = self.config.max_chunk_size
         self._pending_targets = []
@@ -984,6 +987,7 @@ class StorageServer:
                                  "full chunk", target.target_id, _hexid(cid), v, e)
                         return craq.ForwardAction.NEED_FULL, None, None
                 elif action is craq.ForwardAction.APPLY_FULL:
+                    core.would_block()      # several steps: on an engine thread, never the loop
                     if self._apply_full_sync(core, cid, meta, payload, v, cv, msg.crc32c, msg.chunk_size):
                         return action, core.get_meta(cid), "installed"
                 else:
@@ -1276,6 +1280,10 @@ def _parser() -> argparse.ArgumentParser:
                         "--flush-interval and when a client fsyncs)")
     p.add_argument("--flush-interval", type=float, default=float(env("FLYFS_STORAGE_FLUSH_INTERVAL", "5")),
                    help="seconds between background syncs of unsynced updates (default %(default)s)")
+    p.add_argument("--inline-max", type=int, default=int(env("FLYFS_STORAGE_INLINE_MAX", str(64 * 1024))),
+                   help="chunks of at most this many bytes keep their data in the target's metadata "
+                        "store instead of a file (at most the block size, 64 KiB; 0: never; "
+                        "default %(default)s)")
     p.add_argument("--log-level", default=env("FLYFS_LOG_LEVEL", "INFO"))
     return p
 
@@ -1283,8 +1291,11 @@ def _parser() -> argparse.ArgumentParser:
 async def _serve(args) -> None:
     if args.flush_interval < 0:
         raise ValueError(f"--flush-interval must be >= 0, got {args.flush_interval}")
+    if args.inline_max < 0:
+        raise ValueError(f"--inline-max must be >= 0, got {args.inline_max}")
     config = StorageConfig(max_chunk_size=args.max_chunk_size, engine_workers=args.engine_workers,
-                           sync_writes=args.sync_writes, flush_interval=args.flush_interval)
+                           sync_writes=args.sync_writes, flush_interval=args.flush_interval,
+                           inline_max=args.inline_max)
     dirs = [d for d in args.data.split(",") if d.strip()]
     for d in dirs:
         os.makedirs(d, exist_ok=True)

@@ -488,7 +488,6 @@ async def test_restarted_node_resyncs_and_serves(cluster):
     gone = await cluster.wait_until(
         lambda i: all(t not in readable_targets(i.chains[ch.chain_id]) for ch in chains for t in vt),
         30, "victim out of its chains")
-    expected = {}
     for ch in chains:
         c = ch.chain_id
         await sc.write(c, 30, 0, 100, b"overwritten", chunk_size=CS)

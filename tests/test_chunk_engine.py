@@ -1166,6 +1166,16 @@ def test_small_chunks_live_in_the_metadata_store(ieng):
     assert eng.remove([c]) == 1 and inline_keys(eng) == [] and eng.used_bytes() == 0
 
 
+def test_inline_max_zero_keeps_every_chunk_in_a_file(eng):
+    for i, (off, data) in enumerate([(0, b""), (0, b"x"), (5, b"yz")]):
+        c = cid(55, i)
+        eng.prepare_write(c, off, data, 1, 1)
+        eng.commit(c, 1)
+    eng.truncate(cid(55, 3), 0, 1, 1)
+    eng.commit(cid(55, 3), 1)
+    assert inline_keys(eng) == [] and len(chunk_files(eng)) == 4
+
+
 def test_a_damaged_inline_chunk_is_an_error_never_data(ieng):
     eng, c = ieng, cid(51, 0)
     eng.prepare_write(c, 0, b"precious bytes", 1, 1)

@@ -43,6 +43,40 @@ async def test_deleted_files_chunks_return_to_zero(engine):
     assert left == [b"MI" + ROOT_INO.to_bytes(8, "little")]   # only the root is left
 
 
+async def test_background_gc_drains_a_mass_deletion_at_once(engine):
+    """Passes follow one another while the queue is full: 100 deleted files (batches of
+    16) are collected within seconds even with an hour between idle passes; a file
+    whose chunks storage cannot remove stays queued for a later pass."""
+    svc = make_service(engine, default_chunk_size=1 << 16, gc_batch=16)
+    await svc.format(root_mode=0o777)
+    storage = svc.ctx.storage
+    d = await svc.mkdir(ALICE, ROOT_INO, "d")
+    files = [await write_file(svc, ALICE, d.ino, f"f{i}", 1000) for i in range(100)]
+    stuck = files[7].ino
+    real_remove = storage.remove_chunks
+
+    async def failing_remove(ino, layout):
+        if ino == stuck:
+            raise ConnectionError("storage unreachable")
+        return await real_remove(ino, layout)
+
+    storage.remove_chunks = failing_remove
+    for i in range(100):
+        await svc.unlink(ALICE, d.ino, f"f{i}")
+    svc.start_gc(interval=3600)
+    try:
+        for _ in range(200):
+            if await svc.gc_queue() == [stuck]:
+                break
+            await asyncio.sleep(0.05)
+        assert await svc.gc_queue() == [stuck] and storage.chunk_count() == 1
+    finally:
+        await svc.stop()
+    storage.remove_chunks = real_remove
+    report = await svc.run_gc_once()
+    assert report.inodes == 1 and storage.chunk_count() == 0 and await svc.gc_queue() == []
+
+
 async def test_open_file_survives_unlink_until_close(meta):
     storage = meta.ctx.storage
     f, session = await meta.create(ALICE, ROOT_INO, "f", 0o644, os.O_RDWR)

@@ -194,8 +194,8 @@ class MetaService:
         return await sessions.list_sessions(self.ctx, ino)
 
     # ---- garbage collection ----------------------------------------------------------------
-    async def run_gc_once(self) -> gc.GcReport:
-        return await gc.run_gc_once(self.ctx)
+    async def run_gc_once(self, after: bytes | None = None) -> gc.GcReport:
+        return await gc.run_gc_once(self.ctx, after)
 
     async def gc_queue(self) -> list[int]:
         async def fn(txn):
@@ -209,16 +209,21 @@ class MetaService:
         return self._gc_task
 
     async def _gc_loop(self, interval: float) -> None:
+        resume = None
         while True:
             try:
-                report = await self.run_gc_once()
+                report = await self.run_gc_once(resume)
                 if not report.idle:
                     log.info("GC: %s", report)
+                # More is queued past this batch: go on at once (past entries that
+                # failed, retried next round) until the queue is through, then rest.
+                resume = report.resume
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("GC pass failed; retrying in %.1f s", interval)
-            await asyncio.sleep(interval)
+                resume = None
+            await asyncio.sleep(interval if resume is None else 0)
 
     async def stop(self) -> None:
         """Stop background work (the engine stays open: its owner closes it)."""

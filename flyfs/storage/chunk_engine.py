@@ -1084,7 +1084,7 @@ class SyncChunkEngine:
             plan = plan_update(self.block_size, bl, live, write=(off, len(mv)))
         else:
             plan = plan_update(self.block_size, bl, live, truncate=truncate)
-        if plan.mode != SHARE and plan.new_len <= self.inline_max:
+        if self.inline_max and plan.mode != SHARE and plan.new_len <= self.inline_max:
             return self._update_inline(cid, c, p, base, plan, mv, update_ver, chain_ver)
         if getattr(self._local, "nowait", False) and not (
                 plan.mode == SHARE and (inline_base or not len(plan.changed))):

@@ -737,11 +737,6 @@ class SyncChunkEngine:
     def _file(self, chunk_id: bytes, seq: int) -> str:
         return os.path.join(self._dir_of(chunk_id), f"{_hex(chunk_id)}.{seq:x}")
 
-    @property
-    def nowait(self) -> bool:
-        """Whether this thread runs under ``run_now`` (no file I/O allowed)."""
-        return getattr(self._local, "nowait", False)
-
     def would_block(self) -> None:
         """Raise WouldBlock under ``run_now``: for steps that always touch files."""
         if getattr(self._local, "nowait", False):

@@ -242,7 +242,7 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--mgmtd", default=env("FLYFS_MGMTD"), help="cluster manager address (optional) [FLYFS_MGMTD]")
     p.add_argument("--chains", default=env("FLYFS_META_CHAINS", ""),
                    help="static chain table (comma-separated chain ids) until mgmtd provides one [FLYFS_META_CHAINS]")
-    p.add_argument("--gc-interval", type=float, default=MetaConfig.gc_interval, help="seconds between GC passes")
+    p.add_argument("--gc-interval", type=float, default=MetaConfig.gc_interval, help="seconds between GC rounds (a round goes on at once while deleted files are queued)")
     p.add_argument("--sync-commits", action="store_true",
                    help="sync every metadata commit to disk before answering (default: answer once "
                         "the OS has it, sync within --sync-interval, fsync's report at once)")

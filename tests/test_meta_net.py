@@ -449,3 +449,46 @@ async def test_an_unreachable_server_fails_over_to_another(transport):
         for s in svcs:
             await s.stop()
         await engine.close()
+
+
+async def test_a_server_that_stops_answering_is_failed_over_once_it_is_down():
+    """A server that accepts connections and never answers: a call times out; while
+    `liveness` says the server is alive that is an EIO (the call may still run there),
+    once it says it is gone the call goes to the server `failover` names."""
+    hung_conns = []
+
+    async def swallow(reader, writer):
+        hung_conns.append(writer)
+        await reader.read(-1)       # reads everything, answers nothing
+
+    hung = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    hung_target = f"tcp://127.0.0.1:{hung.sockets[0].getsockname()[1]}"
+    engine = open_engine("memory://")
+    svc = make_service(engine)
+    await svc.format(root_mode=0o1777)
+    server = await start_net_server(svc, "127.0.0.1", 0)
+    alive = {hung_target: True, server.address: True}
+
+    async def liveness(t):
+        return alive[t]
+
+    async def failover(tried):
+        return server.address if server.address not in tried else None
+
+    c = MetaClient(hung_target, user=ALICE, timeout=0.3, retries=1, failover=failover, liveness=liveness)
+    try:
+        with pytest.raises(OSError) as e:
+            await c.getattr(ROOT_INO)
+        assert e.value.errno == errno.EIO and c.target == hung_target
+        alive[hung_target] = False          # mgmtd stopped hearing from it
+        assert (await c.getattr(ROOT_INO)).ino == ROOT_INO
+        assert c.target == server.address
+    finally:
+        await c.close_channel()
+        await server.close()
+        hung.close()
+        for w in hung_conns:
+            w.close()
+        await hung.wait_closed()
+        await svc.stop()
+        await engine.close()

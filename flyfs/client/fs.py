@@ -484,8 +484,13 @@ class AsyncFileSystem:
                     routing = await mgmtd.get_routing_info(force=True)
                     return _pick_meta(routing, address, exclude=tried, net=net)
 
+                async def liveness(t):
+                    routing = await mgmtd.get_routing_info(force=True)
+                    return t in {pick_meta_target(m) for m in routing.meta_nodes(alive_only=True)}
+
                 meta_client = cls_(target, user=user, client_id=client_id, timeout=config.rpc_timeout,
-                                   cluster_id=cluster_id, failover=None if meta else failover, **extra)
+                                   cluster_id=cluster_id, failover=None if meta else failover,
+                                   liveness=liveness, **extra)
             elif isinstance(meta, MetaService):
                 meta_client = _LocalMeta(meta, user)
             else:

@@ -29,7 +29,10 @@ Failover: metadata servers keep no state of their own (it is all in the KV),
 so when the server stays unreachable through those retries, a client given
 ``failover`` (an async callable: the targets tried so far -> another target
 or None; flyfs.connect() asks mgmtd's routing info) moves to another server
-and sends the call again there, with the same uuid.
+and sends the call again there, with the same uuid. A call that times out
+fails over too when ``liveness`` (async: target -> bool) says the server is
+no longer alive (mgmtd stopped hearing from it: a hung or cut-off server);
+while it is alive a timeout stays an EIO (the call may still run there).
 """
 from __future__ import annotations
 
@@ -56,6 +59,7 @@ _RETRY_CODES = (grpc.StatusCode.UNAVAILABLE,)
 NET_SCHEME = "tcp://"
 log = logging.getLogger("flyfs.client.meta")
 MAX_COALESCE = 256      # calls in one coalesced Batch (the server takes up to 1024)
+CONNECT_TIMEOUT = 5.0   # at most, for a connection (a server cut off answers nothing)
 _ALONE = object()       # a coalescable call with no company: sent as a plain call
 
 
@@ -120,9 +124,11 @@ class MetaClient:
     coalesce = True
 
     def __init__(self, target: str, *, user: Caller | None = None, client_id: str | None = None,
-                 timeout: float = 30.0, retries: int = 5, cluster_id: str = "", failover=None):
+                 timeout: float = 30.0, retries: int = 5, cluster_id: str = "", failover=None,
+                 liveness=None):
         self.target = target
         self.failover = failover    # async (targets tried) -> another target or None
+        self.liveness = liveness    # async (target) -> whether mgmtd still hears from it
         self.client_id = client_id or f"{os.uname().nodename}:{os.getpid()}:{uuidlib.uuid4().hex[:8]}"
         self.user = user or default_caller(self.client_id)
         if not self.user.client_id:
@@ -141,7 +147,7 @@ class MetaClient:
         self._later: dict[asyncio.AbstractEventLoop, _Later] = {}
         self._later_pid = os.getpid()
         # call_now(): blocking connections for callers on their own threads (flyfs/net only)
-        self._blocking = net.BlockingPool(connect_timeout=timeout, max_header=MAX_MESSAGE,
+        self._blocking = net.BlockingPool(connect_timeout=min(timeout, CONNECT_TIMEOUT), max_header=MAX_MESSAGE,
                                           max_payload=0) if self._net else None
 
     async def __aenter__(self) -> "MetaClient":
@@ -167,7 +173,7 @@ class MetaClient:
             for old in [lp for lp in self._links if lp.is_closed()]:
                 del self._links[old]
             link = self._links[loop] = _NetLink(loop, net.ConnectionPool(
-                connect_timeout=self.timeout, max_header=MAX_MESSAGE, max_payload=0))
+                connect_timeout=min(self.timeout, CONNECT_TIMEOUT), max_header=MAX_MESSAGE, max_payload=0))
         return link
 
     async def close_channel(self) -> None:
@@ -182,7 +188,8 @@ class MetaClient:
             self._channel = self._stub = None
         if self._blocking is not None:
             self._blocking.close()
-            self._blocking = net.BlockingPool(connect_timeout=self.timeout, max_header=MAX_MESSAGE,
+            self._blocking = net.BlockingPool(connect_timeout=min(self.timeout, CONNECT_TIMEOUT),
+                                              max_header=MAX_MESSAGE,
                                               max_payload=0)
         links, self._links = self._links, {}
         if self._links_pid != os.getpid():
@@ -234,6 +241,16 @@ class MetaClient:
         tried.append(new)
         return True
 
+    async def _gone(self, target: str) -> bool:
+        """Whether `target` is known to be down (liveness says so), for a timed-out call."""
+        if self.liveness is None or self.failover is None:
+            return False
+        try:
+            return not await self.liveness(target)
+        except Exception as e:  # mgmtd unreachable: nothing known, the timeout stays an EIO
+            log.warning("metadata liveness of %s unknown: %s", target, e)
+            return False
+
     def _switch(self, target: str) -> None:
         """Use `target` (same transport) from now on; connections to it open on first use."""
         self.target = target
@@ -251,7 +268,10 @@ class MetaClient:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 1.0)
                     continue
-                kind = MetaUnreachable if e.code() in _RETRY_CODES else OSError
+                kind = OSError
+                if e.code() in _RETRY_CODES or (e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                                                and await self._gone(self.target)):
+                    kind = MetaUnreachable
                 raise kind(errno.EIO, f"metadata server {self.target}: {e.code().name}: {e.details()}") from None
             if hasattr(reply, "status"):
                 raise_for(reply.status)
@@ -325,7 +345,13 @@ class MetaClient:
             link.inflight += 1
             try:
                 raw = await link.pool.call(self.target, mid, data, timeout=self.timeout)
-            except (net.RequestTimeout, net.ProtocolError, net.RemoteError) as e:
+            except net.RequestTimeout as e:
+                target = self.target
+                if await self._gone(target):
+                    raise MetaUnreachable(errno.EIO, f"metadata server {target}: no answer in {self.timeout:g} s "
+                                                     f"and no longer alive in mgmtd") from None
+                raise OSError(errno.EIO, f"metadata server {target}: RequestTimeout: {e}") from None
+            except (net.ProtocolError, net.RemoteError) as e:
                 raise OSError(errno.EIO, f"metadata server {self.target}: {type(e).__name__}: {e}") from None
             except net.TransportError as e:
                 if attempt < self.retries:
@@ -353,7 +379,9 @@ class MetaClient:
         mid = METHOD_IDS[method]
         request = build(self._header(user, uuidlib.uuid4().bytes))
         try:
-            header, _ = pool.call(self.target, mid, request.SerializeToString(), timeout=self.timeout)
+            # (capped: a call left unanswered is taken over by the async path, which fails over)
+            header, _ = pool.call(self.target, mid, request.SerializeToString(),
+                                  timeout=min(self.timeout, CONNECT_TIMEOUT))
             reply = METHODS[mid].reply.FromString(header)
         except (net.TransportError, DecodeError) as e:
             log.debug("blocking %s to %s failed: %s", method, self.target, e)

@@ -1081,9 +1081,8 @@ class SyncChunkEngine:
             plan = plan_update(self.block_size, bl, live, truncate=truncate)
         if self.inline_max and plan.mode != SHARE and plan.new_len <= self.inline_max:
             return self._update_inline(cid, c, p, base, plan, mv, update_ver, chain_ver)
-        if getattr(self._local, "nowait", False) and not (
-                plan.mode == SHARE and (inline_base or not len(plan.changed))):
-            raise WouldBlock()
+        if plan.mode != SHARE or len(plan.changed):
+            self.would_block()      # this update writes or reads a file (a share reads none)
 
         base_fd = base_data = None
         try:
@@ -1122,8 +1121,8 @@ class SyncChunkEngine:
                        mv: memoryview | None, update_ver: int, chain_ver: int) -> ChunkMeta:
         """Stage a version of at most inline_max bytes: its bytes and the record in one batch."""
         need = max([e for _, e, kind in plan.segments if kind == BASE], default=0)
-        if need and not base.seq & _INLINE and getattr(self._local, "nowait", False):
-            raise WouldBlock()      # the kept bytes are in the base's file
+        if need and not base.seq & _INLINE:
+            self.would_block()      # the kept bytes are in the base's file
         buf = bytearray(plan.new_len)
         if need:
             if base.seq & _INLINE:

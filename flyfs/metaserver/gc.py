@@ -3,10 +3,10 @@
 Removing the last link of a file (with no write session left) puts its id in
 the MG queue in the same transaction. A GC pass takes a batch from the queue,
 asks storage to remove the files' chunks, then deletes the inodes and their
-queue entries in one transaction; passes follow one another while the queue
-is full, so a mass deletion frees its space at once, not a batch per interval. Every step is idempotent, so a pass that
-fails half-way (storage down, server killed) is simply repeated, and two
-servers may collect at once.
+queue entries; passes follow one another while the queue is full, so a mass
+deletion frees its space at once, not a batch per interval. Every step is
+idempotent, so a pass that fails half-way (storage down, server killed) is
+simply repeated, and two servers may collect at once.
 """
 from __future__ import annotations
 
@@ -46,12 +46,13 @@ async def collect(ctx: Ctx, report: GcReport, limit: int, after: bytes | None = 
     async def scan(txn):
         b, e = (after + b"\x00") if after else s.P_GC, s.prefix_end(s.P_GC)
         keys = [k async for k, _ in txn.snapshot_get_range(b, e, limit=limit)]
-        report.resume = keys[-1] if len(keys) == limit else None
-        inos = [s.ino_of(k) for k in keys]
-        raws = await txn.get_many([s.inode_key(i) for i in inos], snapshot=True)
-        return [(ino, None if raw is None else s.decode_inode(ino, raw)) for ino, raw in zip(inos, raws)]
+        raws = await txn.get_many([s.inode_key(s.ino_of(k)) for k in keys], snapshot=True)
+        return keys, raws
 
-    queued = await ctx.transact(scan)
+    keys, raws = await ctx.transact(scan)
+    report.resume = keys[-1] if len(keys) == limit else None
+    queued = [(ino, None if raw is None else s.decode_inode(ino, raw))
+              for ino, raw in zip((s.ino_of(k) for k in keys), raws)]
     if not queued:
         return
     gate = asyncio.Semaphore(_STORAGE_CONCURRENCY)
@@ -114,10 +115,13 @@ async def expire_records(ctx: Ctx, report: GcReport, batch: int = 50) -> None:
 
 
 async def run_gc_once(ctx: Ctx, after: bytes | None = None) -> GcReport:
-    """One pass: expire dead sessions, collect a batch of deleted files (queued after
-    `after`, a previous pass's `resume`), expire old records."""
+    """One pass: expire dead sessions, collect a batch of deleted files, expire old
+    records. With `after` (a previous pass's `resume`) it continues that round: only
+    the files queued past it, the sessions and records were done at its start."""
     report = GcReport()
-    report.sessions = await expire_sessions(ctx, ctx.config.gc_batch)
+    if after is None:
+        report.sessions = await expire_sessions(ctx, ctx.config.gc_batch)
     await collect(ctx, report, ctx.config.gc_batch, after)
-    await expire_records(ctx, report)
+    if after is None:
+        await expire_records(ctx, report)
     return report

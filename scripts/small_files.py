@@ -6,7 +6,7 @@
 
 Prints files/s, the mean time of open / write / close, this process's CPU per
 file and, with --cluster, the CPU per file of every flyfs daemon on this host
-(read from /proc), so a change can be measured where it lands. A diagnostic
+and of a `flyfs mount` (read from /proc), so a change can be measured where it lands. A diagnostic
 for BENCHMARKS.md; `flyfs bench fs` is the benchmark.
 """
 import argparse
@@ -28,7 +28,7 @@ def _cpu(pid: int) -> float:
 
 
 def _daemons() -> dict[int, str]:
-    out = subprocess.run(["pgrep", "-af", r"flyfs\.cli (storage|meta|mgmtd)"], capture_output=True, text=True).stdout
+    out = subprocess.run(["pgrep", "-af", r"flyfs\.cli (storage|meta|mgmtd|mount)"], capture_output=True, text=True).stdout
     return {int(line.split()[0]): line.split("flyfs.cli ")[1].split()[0] for line in out.splitlines() if line}
 
 
@@ -55,7 +55,7 @@ def main() -> int:
 
         def open_(i):
             return open(os.path.join(d, f"f{i}"), "xb", buffering=0)
-    daemons = _daemons() if args.cluster else {}
+    daemons = _daemons()
     before = {pid: _cpu(pid) for pid in daemons}
     phases = {"open": 0.0, "write": 0.0, "close": 0.0}
     cpu0, t0 = time.process_time(), time.perf_counter()

@@ -248,6 +248,49 @@ def test_rename_link_symlink(fs, d):
     assert ei.value.errno == errno.EINVAL
 
 
+def test_names_resolve_from_their_cached_directory(fs, d):
+    """A stat walks one name from its directory's cached inode, not the whole path,
+    and gets the same answers as a whole walk: symlinks, '..', misses, renames."""
+    meta = fs.core._s.meta
+    calls = []
+    real = type(meta).resolve_now
+
+    def spy(path, follow=True, base=1, **kw):
+        calls.append((bytes(path), base))
+        return real(meta, path, follow, base, **kw)
+
+    deep = f"{d}/a/b/c"
+    fs.makedirs(deep)
+    fs.write_bytes(f"{deep}/f", b"F")
+    fs.symlink("f", f"{deep}/sym")
+    c_ino = fs.stat(deep).st_ino
+    fs.core.invalidate_cache()
+    meta.resolve_now = spy
+    try:
+        assert fs.stat(f"{deep}/f").st_size == 1              # directory not cached: the whole path
+        assert calls[-1] == (f"{deep}/f".encode(), 1)
+        assert fs.stat(deep).st_ino == c_ino                  # caches c for...
+        assert fs.stat(f"{deep}/f").st_size == 1              # ...one name from c
+        assert calls[-1] == (b"f", c_ino)
+        assert stat.S_ISLNK(fs.lstat(f"{deep}/sym").st_mode)
+        assert fs.stat(f"{deep}/sym").st_size == 1            # the link's target, found from c
+        assert calls[-1] == (b"sym", c_ino)
+        assert fs.stat(f"{deep}/..").st_ino == fs.stat(f"{d}/a/b").st_ino
+        assert calls[-2] == (f"{deep}/..".encode(), 1)        # '..' walks the whole path
+        with pytest.raises(FileNotFoundError):
+            fs.stat(f"{deep}/missing")
+        fs.rename(f"{d}/a/b", f"{d}/a/moved")                 # forgets the cached directories
+        with pytest.raises(FileNotFoundError):
+            fs.stat(f"{deep}/f")
+        assert fs.stat(f"{d}/a/moved/c/f").st_size == 1
+        fs.mkdir(f"{d}/new")                                  # a new directory is cached at once
+        fs.write_bytes(f"{d}/new/g", b"G")
+        assert fs.stat(f"{d}/new/g").st_size == 1
+        assert calls[-1] == (b"g", fs.stat(f"{d}/new").st_ino)
+    finally:
+        del meta.resolve_now
+
+
 def test_chmod_chown_utime_truncate(fs, d):
     p = f"{d}/attrs"
     fs.write_bytes(p, os.urandom(2 * CHUNK + 10))

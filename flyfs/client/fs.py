@@ -23,7 +23,9 @@ How it works:
   Within one client, every handle and stat sees the furthest write at once.
 - Consistency across clients is close-to-open, as NFS: open/stat see what
   other clients closed or fsynced. Directory path lookups are cached for
-  `dir_cache_ttl` seconds (like FUSE's entry timeout).
+  `dir_cache_ttl` seconds (like FUSE's entry timeout): a name in a cached
+  directory is resolved from that directory's inode (one name walked on the
+  server, not every component of its path).
 - Metadata calls use the server's flyfs/net address when it has one (asyncio
   sockets on the runtime's loop, like the data plane). gRPC calls (mgmtd,
   and a metadata server that serves only gRPC) run as blocking calls in a
@@ -598,12 +600,31 @@ class AsyncFileSystem:
             return None
         return hit[0]
 
+    def _relative(self, p: bytes) -> tuple[bytes, int]:
+        """(path, base) to resolve `p` from: its last name from its directory's inode where
+        that is cached (the server then walks one name, not every component; search
+        permission above it was checked when the directory was resolved, within
+        dir_cache_ttl, as for creates), else the whole path from the root."""
+        head, _, name = p.rpartition(b"/")
+        if name in (b"", b".", b".."):
+            return p, ROOT_INO
+        key = _dirkey(head or b"/")
+        ino = ROOT_INO if key == b"/" else self._cache_get(key)
+        return (p, ROOT_INO) if ino is None else (name, ino)
+
+    def _resolved(self, p: bytes, n: Inode) -> None:
+        if n.is_dir:
+            self._cache_put(_dirkey(p), n.ino)
+
     async def _node(self, path, follow: bool = True) -> Inode:
         p = fspath(path)
+        rel, base = self._relative(p)
         try:
-            return await self._s.meta.resolve(p, follow, user=self.who)
+            n = await self._s.meta.resolve(rel, follow, base, user=self.who)
         except OSError as e:
             raise _with_path(e, path) from None
+        self._resolved(p, n)
+        return n
 
     async def _parent(self, path) -> tuple[int, bytes]:
         """(directory inode, last name) of a path to create or remove."""
@@ -647,12 +668,14 @@ class AsyncFileSystem:
         if getattr(type(meta), "resolve_now", None) is None:
             return None
         p = fspath(path)
+        rel, base = self._relative(p)
         try:
-            n = meta.resolve_now(p, follow_symlinks, user=self.who)
+            n = meta.resolve_now(rel, follow_symlinks, base, user=self.who)
         except OSError as e:
             raise _with_path(e, path) from None
         if n is None:
             return None
+        self._resolved(p, n)
         self._remember(p, n, follow_symlinks)
         return self._overlay(n)
 
@@ -802,9 +825,11 @@ class AsyncFileSystem:
     async def mkdir(self, path, mode: int = 0o777, *, umask: int | None = None) -> Inode:
         parent, name = await self._parent(path)
         try:
-            return await self._s.meta.mkdir(parent, name, mode, self._umask(umask), user=self.who)
+            n = await self._s.meta.mkdir(parent, name, mode, self._umask(umask), user=self.who)
         except OSError as e:
             raise _with_path(e, path) from None
+        self._resolved(fspath(path), n)  # what is made next goes in it (tar x, cp -a)
+        return n
 
     async def makedirs(self, path, mode: int = 0o777, exist_ok: bool = False) -> None:
         p = _dirkey(fspath(path))

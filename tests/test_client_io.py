@@ -164,11 +164,12 @@ def test_stat_result_keeps_nanoseconds():
 def test_fuse_options_defaults_and_overrides():
     o = fuse_options(None, "h:1").split(",")
     for want in ("default_permissions", "allow_other", "use_ino", "big_writes", "max_write=131072",
-                 "attr_timeout=1", "entry_timeout=1", "negative_timeout=0", "auto_cache", "fsname=flyfs#h:1"):
+                 "attr_timeout=1", "entry_timeout=1", "negative_timeout=0", "fsname=flyfs#h:1"):
         assert want in o
-    o = fuse_options(["attr_timeout=5,ro", "noauto_cache"], "h:1").split(",")
+    assert "auto_cache" not in o            # flyfs decides keep_cache per open
+    o = fuse_options(["attr_timeout=5,ro", "nouse_ino"], "h:1").split(",")
     assert "attr_timeout=5" in o and "attr_timeout=1" not in o
-    assert "ro" in o and "auto_cache" not in o
+    assert "ro" in o and "use_ino" not in o
 
 
 # ---- runtime ---------------------------------------------------------------------------------------------

@@ -151,6 +151,22 @@ def test_api_and_mount_see_each_other(mnt, d, fs):
     assert fs.read_bytes(api_path(mnt, os.path.join(d, "from_mount"))) == b"mount data" * 1000
 
 
+def test_a_file_another_client_rewrote_is_read_afresh(mnt, d, fs):
+    """Close-to-open through the kernel's page cache: a same-size rewrite by another
+    client within the same second (libfuse's auto_cache, comparing whole-second
+    mtimes and sizes, kept the old pages for good) is read at the next open."""
+    p = os.path.join(d, "rewritten")
+    for i in range(3):
+        fs.write_bytes(api_path(mnt, p), bytes([65 + i]) * 5000)
+        with open(p, "rb") as f:
+            assert f.read() == bytes([65 + i]) * 5000
+    with open(p, "r+b") as f:                       # this mount's own writes keep its cache valid
+        f.write(b"Z" * 10)
+    with open(p, "rb") as f:
+        assert f.read() == b"Z" * 10 + b"C" * 4990
+    assert fs.read_bytes(api_path(mnt, p)) == b"Z" * 10 + b"C" * 4990
+
+
 def test_open_flags(mnt, d):
     p = os.path.join(d, "flags")
     fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

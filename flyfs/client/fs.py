@@ -436,6 +436,7 @@ class _Shared:
         self.dircache: dict[tuple, tuple[int, float]] = {}
         self.names: dict[tuple, tuple[int, float]] = {}  # (uid, gids, path, follow) -> (ino, expiry)
         self.files: dict[int, _InodeState] = {}
+        self.versions: dict[int, tuple[int, int, int]] = {}  # ino -> (mtime, ctime, size) last seen
         self.handles: set[Handle] = set()
         self.reporter: asyncio.Task | None = None
         self.closed = False
@@ -647,6 +648,24 @@ class AsyncFileSystem:
         self._cache_put(key, d.ino)
         return d.ino, name
 
+    def _saw(self, n: Inode) -> None:
+        """Remember a regular file's version as this client last saw it, its own changes included."""
+        if n.is_reg:
+            versions = self._s.versions
+            if len(versions) > 65536:
+                versions.clear()  # forgetting only costs a re-read
+            versions[n.ino] = (n.mtime, n.ctime, n.size)
+
+    def unchanged_since_seen(self, h: Handle) -> bool:
+        """Whether the file just opened as `h` is as this client last saw it: the same mtime,
+        ctime and size to the nanosecond (any write, truncate or utime by another client
+        changes its ctime). A FUSE mount keeps the kernel's cached pages of the file only
+        then (close-to-open: a file another client changed is read afresh)."""
+        n = h.node
+        before = self._s.versions.get(n.ino)
+        self._saw(n)
+        return before == (n.mtime, n.ctime, n.size)
+
     def _overlay(self, n: Inode) -> Inode:
         st = self._s.files.get(n.ino)
         if st is not None and st.size != n.size and n.is_reg:
@@ -733,6 +752,7 @@ class AsyncFileSystem:
                         h.wrote = False
         if n.is_dir and ("mode" in kw or "uid" in kw or "gid" in kw):
             self.invalidate_cache()
+        self._saw(n)
         return self._overlay(n)
 
     async def chmod(self, path, mode: int, *, follow_symlinks: bool = True) -> None:
@@ -792,6 +812,7 @@ class AsyncFileSystem:
             # The truncation is reported; what this client wrote beyond it is gone.
             st.size = length
             st.unreported = False
+        self._saw(n)
         return n
 
     async def check_access(self, path, mode: int) -> None:
@@ -1092,6 +1113,7 @@ class AsyncFileSystem:
                 async with st.lock:
                     length = st.size if (h.wrote or st.unreported) else None
                     n = await self._s.meta.close(h.ino, h.session, length, h.wrote, user=h.who)
+                    self._saw(n)
                     if st.handles > 1:
                         if length is not None:
                             st.unreported = False
@@ -1142,7 +1164,8 @@ class AsyncFileSystem:
             length = None if renew_only else st.size
             wrote = h.wrote and not renew_only
             try:
-                await self._s.meta.sync(h.ino, h.session, length, wrote, durable=durable, user=h.who)
+                self._saw(await self._s.meta.sync(h.ino, h.session, length, wrote, durable=durable,
+                                                  user=h.who))
             except OSError as e:
                 raise _with_path(e, h.path) from None
             if wrote:

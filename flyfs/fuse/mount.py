@@ -25,14 +25,15 @@ log = logging.getLogger("flyfs.fuse")
 
 __all__ = ["main", "umount_main", "fuse_options", "is_mounted", "unmount", "DEFAULT_OPTIONS"]
 
-# max_write: fuse-python/libfuse 2 caps requests at 128 KiB. auto_cache keeps the
-# page cache across opens unless the file's mtime or size changed. allow_other +
+# max_write: fuse-python/libfuse 2 caps requests at 128 KiB. No auto_cache: flyfs
+# decides at each open whether the kernel keeps the file's cached pages (FlyFile:
+# exact mtime, ctime and size; auto_cache compares mtimes in whole seconds). allow_other +
 # default_permissions: every user may use the mount, the kernel checks mode bits
 # and the metadata service checks them again with the caller's uid and groups.
 DEFAULT_OPTIONS = {
     "fsname": "flyfs", "subtype": "flyfs", "default_permissions": None, "allow_other": None,
     "use_ino": None, "big_writes": None, "max_write": "131072", "max_read": "131072",
-    "attr_timeout": "1", "entry_timeout": "1", "negative_timeout": "0", "auto_cache": None,
+    "attr_timeout": "1", "entry_timeout": "1", "negative_timeout": "0",
 }
 
 

@@ -482,6 +482,10 @@ def _file_class(ops: FlyFuse):
                 raise OSError(_errno(e), os.strerror(_errno(e)), path) from None
             self.core = self.fs.core
             self.ra = self.fs.readahead(self.h)
+            # fuse-python sets the open's FOPEN_KEEP_CACHE from this: the kernel keeps the
+            # file's cached pages only while nobody else changed it (exact times and size;
+            # libfuse's auto_cache compares whole-second mtimes, so it kept same-size rewrites).
+            self.keep_cache = self.core.unchanged_since_seen(self.h)
 
         def _run(self, name, *args):
             return self.fs._run_core(name, *args)

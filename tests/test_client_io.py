@@ -15,7 +15,7 @@ from flyfs.client import fs as fsmod
 from flyfs.client.file import parse_mode
 from flyfs.client.io import Piece, by_chain, chain_of, chunk_span, gather_limited, split
 from flyfs.client.runtime import RpcGate, Runtime
-from flyfs.fuse.mount import fuse_options
+from flyfs.fuse.mount import XattrNoiseFilter, fuse_options
 from flyfs.metaserver.schema import Inode, Layout
 
 
@@ -170,6 +170,21 @@ def test_fuse_options_defaults_and_overrides():
     o = fuse_options(["attr_timeout=5,ro", "nouse_ino"], "h:1").split(",")
     assert "attr_timeout=5" in o and "attr_timeout=1" not in o
     assert "ro" in o and "use_ino" not in o
+
+
+def test_xattr_noise_filter_logs_a_refused_binary_value_once(caplog):
+    import io
+    out = io.StringIO()
+    f = XattrNoiseFilter(out)
+    for _ in range(3):   # as PyErr_Print writes it: in pieces
+        for piece in ("UnicodeDecodeError", ": ", "'utf-8' codec can't decode byte 0xff in position 8", "\n"):
+            f.write(piece)
+    f.write("Traceback: something ")
+    f.write("else\nand a partial line")
+    assert out.getvalue() == "Traceback: something else\n"
+    f.flush()
+    assert out.getvalue() == "Traceback: something else\nand a partial line"
+    assert [r.levelname for r in caplog.records if "not UTF-8" in r.getMessage()] == ["WARNING"]
 
 
 # ---- runtime ---------------------------------------------------------------------------------------------

@@ -353,6 +353,13 @@ def test_xattrs(mnt, d):
     with pytest.raises(OSError) as ei:
         os.getxattr(p, "user.color")
     assert ei.value.errno == errno.ENODATA
+    acl = (b"\x02\0\0\0" + b"\x01\0\x06\0\xff\xff\xff\xff"    # the ACL cp -a sets: user::rw-
+           + b"\x04\0\x04\0\xff\xff\xff\xff" + b"\x20\0\x04\0\xff\xff\xff\xff")  # group::r-- other::r--
+    for _ in range(3):
+        with pytest.raises(OSError) as ei:
+            os.setxattr(p, "system.posix_acl_access", acl)
+        assert ei.value.errno == errno.EINVAL
+    assert open(mnt.log).read().count("UnicodeDecodeError") == 1   # logged once, not per file
 
 
 def test_readdir_of_a_big_directory(mnt, d, fs):

@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 log = logging.getLogger("flyfs.fuse")
@@ -91,6 +92,47 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+class XattrNoiseFilter:
+    """sys.stderr for the FUSE loop. fuse-python decodes an xattr value as UTF-8 before
+    our setxattr sees it; a binary one (cp -a and rsync -A set system.posix_acl_access,
+    an ACL, on every file) fails there with EINVAL and Python prints the decode error
+    to stderr each time. The first is logged with what it means, the rest dropped;
+    every other line passes through (Python prints an error in pieces: lines are
+    assembled before they are judged)."""
+
+    NOISE = "UnicodeDecodeError: 'utf-8' codec can't decode"
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._told = False
+        self._partial = ""
+        self._mu = threading.Lock()
+
+    def write(self, text: str) -> int:
+        with self._mu:
+            lines = (self._partial + text).split("\n")
+            self._partial = lines.pop()
+            for line in lines:
+                if not line.startswith(self.NOISE):
+                    self._stream.write(line + "\n")
+                elif not self._told:
+                    self._told = True
+                    log.warning("an extended attribute whose value is not UTF-8 was refused with EINVAL "
+                                "(fuse-python passes values as text; flyfs has no POSIX ACLs): %s "
+                                "(logged once)", line)
+        return len(text)
+
+    def flush(self) -> None:
+        with self._mu:
+            if self._partial:
+                self._stream.write(self._partial)
+                self._partial = ""
+        self._stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def _serve(args, options: str) -> int:
     """Connect and run the FUSE loop until unmounted (in this process)."""
     from ..client import connect
@@ -107,6 +149,7 @@ def _serve(args, options: str) -> int:
     if args.debug:
         fargs.append("-d")
     server = FlyFuse(fs)
+    sys.stderr = XattrNoiseFilter(sys.stderr)
     try:
         server.main(fargs)
     except Exception as e:  # fuse.FuseError: the mount itself failed

@@ -296,6 +296,27 @@ def test_runtime_in_a_forked_child_starts_a_fresh_loop():
     rt.stop()
 
 
+def test_moved_targets_between_routing_versions():
+    from dataclasses import replace
+
+    from flyfs.client.storage_client import moved_targets
+    from flyfs.cluster.chain_state import Chain
+    from flyfs.cluster.mgmtd_client import RoutingInfo
+    from flyfs.proto import mgmtd_pb2
+
+    nodes = {n: mgmtd_pb2.NodeInfo(node_id=n, address=f"s:{n}") for n in (1, 2, 3)}
+    targets = {t: mgmtd_pb2.TargetInfo(target_id=t, node_id=(t - 1) % 3 + 1) for t in range(1, 7)}
+    old = RoutingInfo(1, nodes=nodes, targets=targets,
+                      chains={1: Chain.new(1, [1, 2, 3]), 2: Chain.new(2, [4, 5, 6])})
+    assert moved_targets(old, replace(old, version=2)) == set()
+    new = replace(old, version=2, chains={1: Chain.new(1, [1, 3], version=2), 2: old.chains[2]})
+    assert moved_targets(old, new) == {1, 2, 3}                    # every target of a changed chain
+    moved_node = dict(nodes)
+    moved_node[2] = mgmtd_pb2.NodeInfo(node_id=2, address="s:22")
+    assert moved_targets(old, replace(old, version=3, nodes=moved_node)) == {2, 5}   # a node's new address
+    assert moved_targets(old, replace(old, version=3, chains={2: old.chains[2]})) == {1, 2, 3}  # chain gone
+
+
 def test_metadata_server_comes_from_routing_info():
     from flyfs.cluster.mgmtd_client import RoutingInfo
     from flyfs.proto import mgmtd_pb2

@@ -323,6 +323,32 @@ def test_cancelled_call_forgets_request(run):
     run(body)
 
 
+def test_aborted_call_forgets_request_and_the_connection_goes_on(run):
+    async def body():
+        svc = Service()
+        async with await net.serve(svc) as server, net.ConnectionPool() as pool:
+            loop = asyncio.get_running_loop()
+            moved = loop.create_future()
+            into = bytearray(1000)
+            task = asyncio.ensure_future(pool.call(server.address, SLOW, b"a:500", into=into, timeout=30,
+                                                   abort=moved))
+            await svc.wait_slow(1)
+            started = loop.time()
+            moved.set_result("target 7 left chain 3")
+            with pytest.raises(net.RequestAborted, match="abandoned: target 7 left chain 3"):
+                await task
+            assert loop.time() - started < 1
+            conn = await pool.connection(server.address)
+            assert conn.inflight == 0
+            with pytest.raises(net.RequestAborted):     # an abort that already happened: at once
+                await pool.call(server.address, SLOW, b"b:1", timeout=30, abort=moved)
+            svc.gates[b"a:500"].set()
+            svc.gates.setdefault(b"b:1", asyncio.Event()).set()
+            assert (await pool.call(server.address, ECHO, b"x", abort=loop.create_future())).header == b"echo:x"
+            assert into == bytes(1000)
+    run(body)
+
+
 def test_timeout_mid_payload_never_writes_after_timeout(run, monkeypatch):
     """A reply whose payload is half received when the request times out (through the
     socket: the fake server speaks no shared memory)."""

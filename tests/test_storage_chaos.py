@@ -5,7 +5,9 @@ a ledger and read back from every replica at the end; every replica of every
 chunk must end with the same version, length and checksum.
 """
 import asyncio
+import os
 import random
+import signal
 import time
 
 import pytest
@@ -138,6 +140,42 @@ async def test_head_killed_during_writes_then_recovers(procs):
     assert ledger.max_latency < HB + 10
     chain = (await procs.routing()).chains[chain_id]
     assert all(s is PublicState.SERVING for _, s in chain.targets)
+    await check_ledger(sc, chain, ledger)
+
+
+async def test_hung_tail_middle_head_are_routed_around(procs):
+    """A daemon that stops answering (SIGSTOP: a hang, a cut-off host) refuses nothing:
+    requests to it are abandoned once mgmtd takes it out of the chain, so writes wait
+    about the heartbeat timeout, not the request timeouts (20 s here); the daemon comes
+    back (SIGCONT), resyncs, and every replica ends identical."""
+    sc = procs.client(retry_timeout=60)
+    chain_id = (await procs.chains())[0].chain_id
+    ledger, stop = Ledger(), asyncio.Event()
+    w = asyncio.create_task(writers(sc, chain_id, ledger, stop))
+    try:
+        for role in ("tail", "middle", "head"):
+            await acked_more(ledger, w, 30)
+            info = await procs.wait_all_serving(60)
+            serving = readable_targets(info.chains[chain_id])
+            victim_t = {"head": serving[0], "middle": serving[1], "tail": serving[-1]}[role]
+            node = procs.nodes[procs.node_of_target(victim_t, info)]
+            before = ledger.acked
+            os.kill(node.proc.pid, signal.SIGSTOP)
+            try:
+                stopped_at = time.monotonic()
+                while ledger.acked < before + 20:
+                    assert not ledger.errors, ledger.errors[:3]
+                    assert time.monotonic() - stopped_at < HB + 8, f"writes stalled behind the hung {role}"
+                    await asyncio.sleep(0.05)
+            finally:
+                os.kill(node.proc.pid, signal.SIGCONT)
+        await procs.wait_all_serving(60)
+        await acked_more(ledger, w, 30)
+    finally:
+        stop.set()
+        await w
+    assert ledger.max_latency < HB + 6, ledger.max_latency
+    chain = (await procs.routing()).chains[chain_id]
     await check_ledger(sc, chain, ledger)
 
 

@@ -23,6 +23,12 @@ committed" at the chain's last SERVING target, a checksum mismatch or any
 other error at another replica; a piece fails only when every replica
 reported a checksum mismatch, the input is invalid, or `retry_timeout`
 passes. A chunk that does not exist reads as 0 bytes (a hole).
+
+A target that hangs (stopped, cut off) answers nothing and refuses nothing:
+while a request has been in flight for WATCH_AFTER seconds the client asks
+mgmtd for the routing every WATCH_INTERVAL, and requests to a target whose
+chain changed (mgmtd took the silent node out after its heartbeat timeout)
+are abandoned and retried on the new chain instead of waiting out `timeout`.
 """
 from __future__ import annotations
 
@@ -103,6 +109,33 @@ class _Retry(Exception):
         self.refresh = refresh
 
 
+WATCH_AFTER = 1.0       # a request in flight this long makes the client watch the routing
+WATCH_INTERVAL = 0.5    # how often it asks mgmtd while it watches
+DIRECT_READ_TIMEOUT = 2.0   # a blocking read from a caller's thread then falls back to batch_read
+
+
+def moved_targets(old: RoutingInfo, new: RoutingInfo) -> set[int]:
+    """Targets whose place changed from routing `old` to `new`: every target of a chain
+    whose version changed (or that is gone), and targets whose node's address changed."""
+    out: set[int] = set()
+    for cid, chain in old.chains.items():
+        now = new.chains.get(cid)
+        if now is None or now.version != chain.version:
+            out.update(chain.target_ids)
+    for tid in old.targets:
+        try:
+            before = old.address_of(tid)
+        except KeyError:
+            continue
+        try:
+            after = new.address_of(tid)
+        except KeyError:
+            after = None
+        if after != before:
+            out.add(tid)
+    return out
+
+
 def _status_name(code: int) -> str:
     return SC.StatusCode.Name(code) if code in SC.StatusCode.values() else str(code)
 
@@ -131,8 +164,15 @@ class StorageClient:
         self._seq = itertools.count(1)
         self._refreshing: asyncio.Task | None = None
         self.blocking = net.BlockingPool(connect_timeout=self.pool.connect_timeout)
+        self._moved: dict[int, asyncio.Future] = {}   # target -> completed when its chain changes
+        self._inflight: dict[int, float] = {}         # request token -> start (loop time)
+        self._tokens = itertools.count()
+        self._watcher: asyncio.Task | None = None
 
     async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
         self.blocking.close()
         if self._own_pool:
             await self.pool.close()
@@ -195,6 +235,48 @@ class StorageClient:
             raise _Retry(f"chain {chain_id} is not in routing version {routing.version}", refresh=True)
         return chain
 
+    async def _call(self, routing: RoutingInfo, address: str, target_id: int, method: int, header: bytes,
+                    payload=(), into=None, timeout: float | None = None):
+        """pool.call to a target at `address`, abandoned (RequestAborted) if the target's
+        chain changes while it waits (see the module docstring)."""
+        loop = asyncio.get_running_loop()
+        moved = self._moved.get(target_id)
+        if moved is None:
+            moved = self._moved[target_id] = loop.create_future()
+        token = next(self._tokens)
+        self._inflight[token] = loop.time()
+        if self._watcher is None:
+            self._watcher = loop.create_task(self._watch(routing))
+        try:
+            return await self.pool.call(address, method, header, payload, into,
+                                        self.timeout if timeout is None else timeout, abort=moved)
+        finally:
+            del self._inflight[token]
+
+    async def _watch(self, seen: RoutingInfo) -> None:
+        """While requests are in flight, follow the routing once one is slow; abandon the
+        requests to targets that moved."""
+        loop = asyncio.get_running_loop()
+        try:
+            while self._inflight:
+                await asyncio.sleep(WATCH_INTERVAL)
+                if not self._inflight or loop.time() - min(self._inflight.values()) < WATCH_AFTER:
+                    continue
+                try:
+                    new = await self.mgmtd.get_routing_info(force=True)
+                except MgmtdError as e:
+                    log.debug("routing watch: %s", e)
+                    continue
+                if new.version <= seen.version:
+                    continue
+                for tid in moved_targets(seen, new):
+                    f = self._moved.pop(tid, None)
+                    if f is not None and not f.done():
+                        f.set_result(f"target {tid} moved in routing v{new.version}")
+                seen = new
+        finally:
+            self._watcher = None
+
     async def _retrying(self, what: str, attempt):
         """Run `attempt(routing)` until it returns, raising _Retry to go again."""
         loop = asyncio.get_running_loop()
@@ -229,8 +311,8 @@ class StorageClient:
                 raise _Retry(f"chain {req.chain_id} v{chain.version} takes no writes (no SERVING "
                              f"target)", refresh=True)
             req.chain_version = chain.version
-            rep = await self.pool.call(self._address(routing, h), S.STORAGE_UPDATE, req.SerializeToString(),
-                                       payload, timeout=self.timeout)
+            rep = await self._call(routing, self._address(routing, h), h, S.STORAGE_UPDATE,
+                                   req.SerializeToString(), payload)
             reply = S.UpdateReply.FromString(rep.header)
             code = reply.status.code
             if code == SC.OK:
@@ -285,8 +367,8 @@ class StorageClient:
                 req = S.RemoveChunksRequest(header=self._header(), chain_id=chain_id,
                                             chain_version=chain.version, inode=inode, begin_index=begin,
                                             end_index=end, max_chunks=page, seq=seq)
-                rep = await self.pool.call(self._address(routing, h), S.STORAGE_REMOVE_CHUNKS,
-                                           req.SerializeToString(), timeout=self.timeout)
+                rep = await self._call(routing, self._address(routing, h), h, S.STORAGE_REMOVE_CHUNKS,
+                                       req.SerializeToString())
                 reply = S.RemoveChunksReply.FromString(rep.header)
                 code = reply.status.code
                 if code == SC.OK:
@@ -437,7 +519,7 @@ class StorageClient:
         req = self._read_request(routing, [piece])
         try:
             header, n = self.blocking.call(address, S.STORAGE_BATCH_READ, req.SerializeToString(),
-                                           into=piece.buffer, timeout=self.timeout)
+                                           into=piece.buffer, timeout=min(self.timeout, DIRECT_READ_TIMEOUT))
             reply = S.BatchReadReply.FromString(header)
         except (net.TransportError, DecodeError) as e:
             log.debug("direct read from target %d failed: %s", target, e)
@@ -582,8 +664,8 @@ class StorageClient:
                           views: list[memoryview]) -> list[tuple[int, int, str]]:
         req = self._read_request(routing, pieces)
         into = [v for v in views if len(v)]
-        rep = await self.pool.call(routing.address_of(target), S.STORAGE_BATCH_READ,
-                                   req.SerializeToString(), into=into or None, timeout=self.timeout)
+        rep = await self._call(routing, routing.address_of(target), target, S.STORAGE_BATCH_READ,
+                               req.SerializeToString(), into=into or None)
         reply = S.BatchReadReply.FromString(rep.header)
         if reply.status.code != SC.OK:
             return [(reply.status.code, 0, reply.status.message)] * len(pieces)

@@ -18,18 +18,19 @@ Blocking, from the caller's thread (small reads without a hop to an event loop):
     header, n = bp.call(address, method, header, into=buf, timeout=10.0)
 
 Transports: tcp (here), shm and rdma later behind the same interface.
-Errors: TransportError and its subclasses RequestTimeout, ProtocolError, RemoteError.
+Errors: TransportError and its subclasses RequestTimeout, RequestAborted, ProtocolError,
+RemoteError.
 """
 from .blocking import BlockingPool
 from .buffers import BufferPool
 from .frame import (MAX_HEADER, MAX_PAYLOAD, ProtocolError, RemoteError, Reply, Request,
-                    RequestTimeout, Response, TransportError)
+                    RequestAborted, RequestTimeout, Response, TransportError)
 from .pool import ConnectionPool, parse_address
 from .rdma import rdma_available
 from .tcp import Server, serve
 
 __all__ = [
     "serve", "Server", "ConnectionPool", "BlockingPool", "BufferPool", "Request", "Response", "Reply",
-    "TransportError", "RequestTimeout", "ProtocolError", "RemoteError",
+    "TransportError", "RequestTimeout", "RequestAborted", "ProtocolError", "RemoteError",
     "MAX_HEADER", "MAX_PAYLOAD", "parse_address", "rdma_available",
 ]

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 __all__ = [
     "MAGIC", "VERSION", "FLAG_RESPONSE", "FLAG_ERROR", "FLAG_SHM", "FLAG_SHM_REPLY", "HEADER", "HEADER_SIZE",
-    "MAX_HEADER", "MAX_PAYLOAD", "TransportError", "RequestTimeout",
+    "MAX_HEADER", "MAX_PAYLOAD", "TransportError", "RequestTimeout", "RequestAborted",
     "ProtocolError", "RemoteError", "FrameHeader", "pack_header",
     "unpack_header", "FrameReader", "Request", "Response", "Reply",
     "writable_views", "payload_views",
@@ -65,6 +65,11 @@ class TransportError(Exception):
 
 class RequestTimeout(TransportError):
     """A request got no reply within its timeout (the request is forgotten)."""
+
+
+class RequestAborted(TransportError):
+    """The caller's `abort` future completed first: the request is forgotten, as a timed-out
+    one is (e.g. its target left its chain while it hung: go to the new one)."""
 
 
 class ProtocolError(TransportError):

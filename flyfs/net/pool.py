@@ -44,7 +44,7 @@ class ConnectionPool:
         self._closed = False
 
     async def call(self, address: str, method: int, header: bytes, payload=(),
-                   into=None, timeout: float | None = 10.0) -> Reply:
+                   into=None, timeout: float | None = 10.0, abort: asyncio.Future | None = None) -> Reply:
         """Send a request to `address` and return its Reply.
 
         payload: buffers sent as they are (scatter/gather); they must not be
@@ -53,18 +53,20 @@ class ConnectionPool:
         socket; a response payload larger than `into` raises ProtocolError and
         drops the connection. timeout covers connecting, sending and the reply;
         RequestTimeout forgets the request, and a late reply never touches `into`.
+        abort: a future whose completion ends the wait for the reply with
+        RequestAborted (the request is forgotten as a timed-out one is).
         Raises TransportError (and subclasses ProtocolError, RemoteError,
-        RequestTimeout).
+        RequestTimeout, RequestAborted).
         """
         conn = self._conns.get(address)
         if conn is not None and conn.is_open:
-            return await conn.call(method, header, payload, into, timeout)
+            return await conn.call(method, header, payload, into, timeout, abort)
         loop = asyncio.get_running_loop()
         start = loop.time()
         conn = await self._connection(address, timeout)
         if timeout is not None:
             timeout = max(timeout - (loop.time() - start), 0.0)
-        return await conn.call(method, header, payload, into, timeout)
+        return await conn.call(method, header, payload, into, timeout, abort)
 
     async def connection(self, address: str, timeout: float | None = None) -> ClientConnection:
         """The open connection to `address`, connecting if there is none."""

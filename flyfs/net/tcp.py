@@ -21,6 +21,7 @@ FLYFS_LOCAL_SOCKETS=0 turns this off (TCP only).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import socket
@@ -32,7 +33,7 @@ from .buffers import BufferPool
 from . import shm
 from .frame import (FLAG_ERROR, FLAG_RESPONSE, FLAG_SHM, FLAG_SHM_REPLY, HEADER, MAGIC, MAX_HEADER, MAX_PAYLOAD,
                     VERSION, FrameHeader, FrameReader, ProtocolError, RemoteError, Reply,
-                    Request, RequestTimeout, Response, TransportError, payload_views,
+                    Request, RequestAborted, RequestTimeout, Response, TransportError, payload_views,
                     writable_views)
 
 __all__ = ["Server", "serve", "ClientConnection", "connect", "format_address", "local_sockets",
@@ -581,7 +582,7 @@ class ClientConnection(_Connection):
         return len(self._pending)
 
     async def call(self, method: int, header: bytes, payload=(), into=None,
-                   timeout: float | None = 10.0) -> Reply:
+                   timeout: float | None = 10.0, abort: asyncio.Future | None = None) -> Reply:
         """Send one request and wait for its reply (see ConnectionPool.call)."""
         if self._error is not None or self._transport is None:
             raise _copy_error(self._error) if self._error else TransportError(
@@ -640,6 +641,10 @@ class ClientConnection(_Connection):
         end = self._written
         timer = (self._loop.call_later(timeout, self._expire, rid, timeout)
                  if timeout is not None else None)
+        aborted = None
+        if abort is not None:
+            aborted = functools.partial(self._abort, rid)
+            abort.add_done_callback(aborted)
         try:
             reply = await fut
             _release(slice_, ok=True)
@@ -658,6 +663,15 @@ class ClientConnection(_Connection):
         finally:
             if timer is not None:
                 timer.cancel()
+            if aborted is not None:
+                abort.remove_done_callback(aborted)
+
+    def _abort(self, rid: int, abort: asyncio.Future) -> None:
+        p = self._pending.get(rid)
+        if p is not None and not p.fut.done():
+            why = abort.result() if not abort.cancelled() and abort.exception() is None else "aborted"
+            p.fut.set_exception(RequestAborted(
+                f"request {rid} (method {p.method}) {self._describe()} abandoned: {why}"))
 
     def _expire(self, rid: int, timeout: float) -> None:
         p = self._pending.pop(rid, None)

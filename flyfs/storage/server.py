@@ -204,6 +204,9 @@ class Target:
         self.synced_version: int | None = None   # chain version a resync into it finished at
         self.dedup = craq.DedupTable()
         self.total_bytes = 0
+        # Completed when this target's successor changes: a forward waiting on the old
+        # one (hung, cut off) is abandoned and goes to the new one.
+        self.moved: asyncio.Future | None = None
 
 
 # --------------------------------------------------------------------------- identity files
@@ -555,6 +558,10 @@ class StorageServer:
             old = t.role
             t.chain_id = chain.chain_id if chain else 0
             t.role = craq.role_of(chain, t.target_id) if chain else None
+            if t.moved is not None and (t.role is None or old is None or t.role.successor != old.successor
+                                        or not t.role.on_write_path):
+                t.moved.set_result(f"the successor of target {t.target_id} changed (routing v{info.version})")
+                t.moved = None
             if t.role is None or t.role.state not in (PublicState.SYNCING, PublicState.SERVING):
                 t.synced_version = None
             if (old is None) != (t.role is None) or (old and t.role and old.state != t.role.state):
@@ -886,10 +893,13 @@ class StorageServer:
             succ = role.successor
             fwd.chain_version = role.chain_version
             fwd.to_target = succ
+            moved = target.moved
+            if moved is None:
+                moved = target.moved = loop.create_future()
             try:
                 addr = self.address_of(succ)
                 rep = await self.pool.call(addr, S.STORAGE_FORWARD, fwd.SerializeToString(), payload,
-                                           timeout=self.config.forward_timeout)
+                                           timeout=self.config.forward_timeout, abort=moved)
                 reply = S.UpdateReply.FromString(rep.header)
                 code, why = reply.status.code, reply.status.message
             except (net.TransportError, StatusError, DecodeError) as e:

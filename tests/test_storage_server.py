@@ -126,6 +126,53 @@ async def test_flush_syncs_every_replica_of_the_chains(tmp_path):
         assert dirty_targets(chains[1]) == []
 
 
+async def test_a_full_disk_refuses_writes_at_once_and_removals_free_it(tmp_path):
+    """Below the reserve a target refuses writes with NO_SPACE (ENOSPC to a file's
+    writer), at once rather than after retries; reads, truncates and removals go on;
+    an ENOSPC from the disk itself is reported the same way."""
+    import errno
+    import time
+
+    from flyfs.client.io import storage_error
+    from flyfs.storage.server import StorageConfig
+    cfg = StorageConfig(update_retry=15.0, forward_timeout=20.0)
+    async with StorageCluster(tmp_path, nodes=3, targets_per_node=1, replication=3, config=cfg) as c:
+        sc = c.client()
+        chain = (await c.chains())[0]
+        await sc.write(chain.chain_id, 90, 0, 0, b"kept" * 1000, chunk_size=CS)
+        await sc.write(chain.chain_id, 90, 1, 0, b"more" * 1000, chunk_size=CS)
+        free = os.statvfs(str(tmp_path)).f_bavail * os.statvfs(str(tmp_path)).f_frsize
+        for n in c.nodes:
+            n.server.config.reserve_bytes = free + (1 << 40)      # as if the disks were full
+        started = time.monotonic()
+        with pytest.raises(StorageClientError) as ei:
+            await sc.write(chain.chain_id, 90, 2, 0, b"x" * 5000, chunk_size=CS)
+        assert ei.value.code == SC.NO_SPACE and "no space left" in str(ei.value)
+        assert time.monotonic() - started < 5
+        err = storage_error(ei.value, "write of /f")
+        assert err.errno == errno.ENOSPC
+        assert bytes((await sc.read(chain.chain_id, 90, 0, 0, 4000))) == b"kept" * 1000
+        await sc.truncate_chunk(chain.chain_id, 90, 1, 8, chunk_size=CS)   # shrinking still works
+        assert await sc.remove_chunks(chain.chain_id, 90) == 2             # and so do removals
+        for n in c.nodes:
+            n.server.config.reserve_bytes = 0
+        await sc.write(chain.chain_id, 91, 0, 0, b"room again", chunk_size=CS)
+
+        # The disk itself full: the engine's ENOSPC becomes NO_SPACE, not an internal error.
+        head_t = head((await c.routing()).chains[chain.chain_id])
+        target = next(t for n in c.nodes for tid, t in n.server.targets.items() if tid == head_t)
+
+        async def full(*a, **kw):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        target.engine.call = full
+        try:
+            with pytest.raises(StorageClientError) as ei:
+                await sc.write(chain.chain_id, 92, 0, 0, b"y" * 100, chunk_size=CS)
+            assert ei.value.code == SC.NO_SPACE
+        finally:
+            del target.engine.call
+
+
 async def test_overwrites_truncate_remove_and_query(cluster):
     sc = cluster.client()
     info = await cluster.routing()

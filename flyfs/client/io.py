@@ -110,11 +110,16 @@ async def _gather_or_cancel(tasks: list[asyncio.Future]) -> list:
 
 def storage_error(e: Exception, what: str) -> OSError:
     """A StorageClientError (or transport failure) as an OSError: EINVAL for bad input
-    (e.g. beyond the largest chunk index), EIO for everything else (every replica
-    failed its checksum, or retrying gave up)."""
+    (e.g. beyond the largest chunk index), ENOSPC for a full disk, EIO for everything
+    else (every replica failed its checksum, or retrying gave up)."""
     from ..proto import common_pb2
     code = getattr(e, "code", None)
-    err = errno.EINVAL if code == common_pb2.INVALID_ARGUMENT or isinstance(e, ValueError) else errno.EIO
+    if code == common_pb2.NO_SPACE:
+        err = errno.ENOSPC
+    elif code == common_pb2.INVALID_ARGUMENT or isinstance(e, ValueError):
+        err = errno.EINVAL
+    else:
+        err = errno.EIO
     return OSError(err, f"{what}: {getattr(e, 'message', None) or e}")
 
 

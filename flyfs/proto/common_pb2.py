@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0c\x63ommon.proto\x12\x05\x66lyfs\"g\n\rRequestHeader\x12\x12\n\ncluster_id\x18\x01 \x01(\t\x12\x0b\n\x03uid\x18\x02 \x01(\r\x12\x0c\n\x04gids\x18\x03 \x03(\r\x12\x11\n\tclient_id\x18\x04 \x01(\t\x12\x14\n\x0crequest_uuid\x18\x05 \x01(\x0c\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t*\xbe\x01\n\nStatusCode\x12\x06\n\x02OK\x10\x00\x12\x14\n\x10INVALID_ARGUMENT\x10\x01\x12\r\n\tNOT_FOUND\x10\x02\x12\x11\n\rSTALE_ROUTING\x10\x03\x12\x0c\n\x08NOT_HEAD\x10\x04\x12\x11\n\rNOT_COMMITTED\x10\x05\x12\x15\n\x11\x43HECKSUM_MISMATCH\x10\x06\x12\x0f\n\x0bNOT_SERVING\x10\x07\x12\x08\n\x04\x42USY\x10\x08\x12\x0c\n\x08INTERNAL\x10\t\x12\x0f\n\x0bNOT_PRIMARY\x10\nb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0c\x63ommon.proto\x12\x05\x66lyfs\"g\n\rRequestHeader\x12\x12\n\ncluster_id\x18\x01 \x01(\t\x12\x0b\n\x03uid\x18\x02 \x01(\r\x12\x0c\n\x04gids\x18\x03 \x03(\r\x12\x11\n\tclient_id\x18\x04 \x01(\t\x12\x14\n\x0crequest_uuid\x18\x05 \x01(\x0c\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t*\xcc\x01\n\nStatusCode\x12\x06\n\x02OK\x10\x00\x12\x14\n\x10INVALID_ARGUMENT\x10\x01\x12\r\n\tNOT_FOUND\x10\x02\x12\x11\n\rSTALE_ROUTING\x10\x03\x12\x0c\n\x08NOT_HEAD\x10\x04\x12\x11\n\rNOT_COMMITTED\x10\x05\x12\x15\n\x11\x43HECKSUM_MISMATCH\x10\x06\x12\x0f\n\x0bNOT_SERVING\x10\x07\x12\x08\n\x04\x42USY\x10\x08\x12\x0c\n\x08INTERNAL\x10\t\x12\x0f\n\x0bNOT_PRIMARY\x10\n\x12\x0c\n\x08NO_SPACE\x10\x0b\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,7 +32,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STATUSCODE']._serialized_start=170
-  _globals['_STATUSCODE']._serialized_end=360
+  _globals['_STATUSCODE']._serialized_end=374
   _globals['_REQUESTHEADER']._serialized_start=23
   _globals['_REQUESTHEADER']._serialized_end=126
   _globals['_STATUS']._serialized_start=128

@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import contextlib
 import contextvars
+import errno
 import json
 import logging
 import os
@@ -96,6 +97,10 @@ class StorageConfig:
     # Chunks of at most this many bytes keep their data in the target's metadata
     # store, not in files (chunk_engine.py, "Small chunks"); 0: every chunk in a file.
     inline_max: int = 64 * 1024
+    # Writes are refused (NO_SPACE, ENOSPC to the client) once a target's disk has
+    # less than this free: what is left lets removals and metadata writes go on,
+    # so space can be freed again.
+    reserve_bytes: int = 64 << 20
 
 
 class StatusError(Exception):
@@ -207,6 +212,8 @@ class Target:
         # Completed when this target's successor changes: a forward waiting on the old
         # one (hung, cut off) is abandoned and goes to the new one.
         self.moved: asyncio.Future | None = None
+        self.free_bytes: int | None = None   # the disk's free bytes at free_at (None: not known)
+        self.free_at = 0.0
 
 
 # --------------------------------------------------------------------------- identity files
@@ -635,6 +642,11 @@ class StorageServer:
             return self._error(reply_cls, e.code, str(e))
         except asyncio.CancelledError:
             raise
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                return self._error(reply_cls, SC.NO_SPACE, f"no space left on a target's disk: {e}")
+            log.exception("storage method %d failed", req.method)
+            return self._error(reply_cls, SC.INTERNAL, f"internal error: {type(e).__name__}: {e}")
         except Exception as e:
             log.exception("storage method %d failed", req.method)
             return self._error(reply_cls, SC.INTERNAL, f"internal error: {type(e).__name__}: {e}")
@@ -742,6 +754,8 @@ class StorageServer:
                               f"{role.chain_id} (the head is target {role.head or 'none'}); "
                               f"send updates to the head", head_target=role.head or 0)
         self._check_lease()
+        if utype == "write":
+            self._check_space(target, len(payload))
         key = (msg.header.client_id, msg.seq) if msg.seq and msg.header.client_id else None
         fut = None
         if key is not None:
@@ -838,6 +852,23 @@ class StorageServer:
             m = await engine.commit(cid, plan.version)
             ph.add("head.commit", t)
             return m.commit_ver, m.length
+
+    def _check_space(self, target: Target, nbytes: int) -> None:
+        """Refuse a write (NO_SPACE) when the target's disk is below the reserve. The free
+        space is read again every 0.5 s (statvfs: no disk I/O) and counted down by the
+        writes accepted meanwhile, so a fast writer cannot run far past it."""
+        now = time.monotonic()
+        if target.free_bytes is None or now - target.free_at > 0.5:
+            try:
+                st = os.statvfs(target.path)
+            except OSError:
+                return
+            target.free_bytes, target.free_at = st.f_bavail * st.f_frsize, now
+        if target.free_bytes - nbytes < self.config.reserve_bytes:
+            raise StatusError(SC.NO_SPACE, f"target {target.target_id}: no space left on its disk "
+                              f"({target.free_bytes >> 20} MiB free, {self.config.reserve_bytes >> 20} MiB "
+                              f"kept for removals and metadata)")
+        target.free_bytes -= nbytes
 
     def _alone_in_write_path(self, target: Target, role: craq.Role) -> bool:
         """Whether an engine thread that just staged an update for `target` may commit it
@@ -943,6 +974,8 @@ class StorageServer:
         if not msg.update_version and utype != "remove":
             raise StatusError(SC.INVALID_ARGUMENT, "a forwarded update needs its update version")
         self._check_lease()
+        if utype == "write":
+            self._check_space(target, len(payload))
         key = (msg.header.client_id, msg.seq) if msg.seq and msg.header.client_id else None
         fut = None
         if key is not None and target.dedup.get(key) is None:
@@ -1294,6 +1327,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="chunks of at most this many bytes keep their data in the target's metadata "
                         "store instead of a file (at most the block size, 64 KiB; 0: never; "
                         "default %(default)s)")
+    p.add_argument("--reserve", type=int, default=int(env("FLYFS_STORAGE_RESERVE", str(64 << 20))),
+                   help="bytes kept free on each target's disk: writes get ENOSPC below it, removals "
+                        "go on (default %(default)s)")
     p.add_argument("--log-level", default=env("FLYFS_LOG_LEVEL", "INFO"))
     return p
 
@@ -1303,9 +1339,11 @@ async def _serve(args) -> None:
         raise ValueError(f"--flush-interval must be >= 0, got {args.flush_interval}")
     if args.inline_max < 0:
         raise ValueError(f"--inline-max must be >= 0, got {args.inline_max}")
+    if args.reserve < 0:
+        raise ValueError(f"--reserve must be >= 0, got {args.reserve}")
     config = StorageConfig(max_chunk_size=args.max_chunk_size, engine_workers=args.engine_workers,
                            sync_writes=args.sync_writes, flush_interval=args.flush_interval,
-                           inline_max=args.inline_max)
+                           inline_max=args.inline_max, reserve_bytes=args.reserve)
     dirs = [d for d in args.data.split(",") if d.strip()]
     for d in dirs:
         os.makedirs(d, exist_ok=True)

@@ -400,6 +400,40 @@ def test_length_visible_to_other_clients_after_fsync_and_periodically(fly, d):
         reader.close()
 
 
+@pytest.mark.parametrize("mode", ["wb", "w+b", "w"])
+def test_flush_of_a_file_object_reaches_the_chains(fly, fs, d, mode):
+    """flush() of a buffered or text file object does what RawFile.flush does (the
+    built-in classes stop at handing their buffer over): another client sees the
+    bytes, which outlive the writer; close still ends with one metadata call."""
+    from flyfs.client.meta_client import MetaClient
+    other = fly.connect()
+    try:
+        p = f"{d}/flushed-{mode.replace('+', 'p')}"
+        data = "line\n" * 1000 if mode == "w" else b"B" * 5000
+        f = fs.open(p, mode)
+        f.write(data)
+        assert other.stat(p).st_size == 0
+        f.flush()
+        assert other.stat(p).st_size == 5000
+        assert other.read_bytes(p) == (data.encode() if mode == "w" else data)
+        calls = []
+        real = MetaClient._call
+
+        async def counted(self, method, *a, **kw):
+            calls.append(method)
+            return await real(self, method, *a, **kw)
+        MetaClient._call = counted
+        try:
+            f.write(data)
+            f.close()
+        finally:
+            MetaClient._call = real
+        assert calls == ["Close"]                      # no Sync before it
+        assert other.stat(p).st_size == 10000
+    finally:
+        other.close()
+
+
 def test_threads_writing_different_files(fs, d):
     errors = []
 

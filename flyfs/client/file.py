@@ -186,6 +186,43 @@ class RawFile(io.RawIOBase):
         return f"<flyfs.RawFile name={self.name!r} mode={self.mode!r}>"
 
 
+class _FlushesRaw:
+    """flush() also flushes the raw file. The built-in buffered classes only hand their
+    buffer to the raw file, which for a local file puts the bytes in the kernel, where
+    they outlive the process; a flyfs file's bytes outlive it once they are on the
+    chains, which is what RawFile.flush waits for (and it reports the length). On
+    close the raw file's own close does that, once."""
+
+    _closing = False
+
+    def flush(self) -> None:
+        super().flush()
+        if not self._closing and not self.raw.closed:
+            self.raw.flush()
+
+    def close(self) -> None:
+        self._closing = True
+        super().close()
+
+
+class BufferedWriter(_FlushesRaw, io.BufferedWriter):
+    """io.BufferedWriter whose flush() reaches the chains."""
+
+
+class BufferedRandom(_FlushesRaw, io.BufferedRandom):
+    """io.BufferedRandom whose flush() reaches the chains."""
+
+
+class TextIOWrapper(io.TextIOWrapper):
+    """io.TextIOWrapper that closes its buffer without an extra flush to the chains
+    (the raw file's close reports once)."""
+
+    def close(self) -> None:
+        if isinstance(self.buffer, _FlushesRaw):
+            self.buffer._closing = True
+        super().close()
+
+
 def open_file(fs: "FileSystem", handle: "Handle", path: str, mode: str, buffering: int,
               encoding: str | None, errors: str | None, newline: str | None, binary: bool,
               default_buffer: int) -> io.IOBase:
@@ -196,14 +233,14 @@ def open_file(fs: "FileSystem", handle: "Handle", path: str, mode: str, bufferin
             return raw
         size = default_buffer if buffering in (-1, 1) else buffering
         if handle.readable and handle.writable:
-            buffered = io.BufferedRandom(raw, size)
+            buffered = BufferedRandom(raw, size)
         elif handle.writable:
-            buffered = io.BufferedWriter(raw, size)
+            buffered = BufferedWriter(raw, size)
         else:
             buffered = io.BufferedReader(raw, size)
         if binary:
             return buffered
-        text = io.TextIOWrapper(buffered, encoding, errors, newline, line_buffering=buffering == 1)
+        text = TextIOWrapper(buffered, encoding, errors, newline, line_buffering=buffering == 1)
         text.mode = mode
         return text
     except BaseException:

@@ -33,6 +33,14 @@ def test_command_errors_are_one_line(fly):
     assert out.returncode == 1 and "chunk size" in out.stderr
 
 
+def test_up_refuses_a_bad_layout_before_starting_anything(tmp_path):
+    for args, want in ((["--chunk-size", "3MiB"], "--chunk-size 3145728 must be a power of two"),
+                       (["--replicas", "5"], "--replicas 5 needs at least 5 storage nodes")):
+        out = flyfs("up", "--no-mount", "--data-dir", str(tmp_path / "up"), *args)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and want in out.stderr, out.stderr
+        assert not (tmp_path / "up").exists()
+
+
 def test_statvfs_follows_the_disk(fly, fs, tmp_path):
     import shutil
     st = fs.statvfs("/")

@@ -82,6 +82,9 @@ class LocalCluster:
                  sync_writes: bool = False):
         if replicas > storage_nodes:
             raise ValueError(f"--replicas {replicas} needs at least {replicas} storage nodes, got {storage_nodes}")
+        from ..metaserver.layout import MAX_CHUNK, MIN_CHUNK
+        if not MIN_CHUNK <= chunk_size <= MAX_CHUNK or chunk_size & (chunk_size - 1):
+            raise ValueError(f"--chunk-size {chunk_size} must be a power of two from {MIN_CHUNK} to {MAX_CHUNK}")
         if storage_nodes < 1 or targets_per_node < 1 or replicas < 1:
             raise ValueError("--storage-nodes, --targets-per-node and --replicas must be at least 1")
         self.data_dir = os.path.abspath(data_dir)

@@ -291,6 +291,14 @@ def test_names_resolve_from_their_cached_directory(fs, d):
         del meta.resolve_now
 
 
+def test_reading_a_directory_is_eisdir(fs, d):
+    fs.mkdir(f"{d}/sub")
+    with pytest.raises(IsADirectoryError):
+        fs.read_bytes(f"{d}/sub")
+    with pytest.raises(IsADirectoryError):
+        fs.pread(f"{d}/sub", bytearray(10), 0)
+
+
 def test_chmod_chown_utime_truncate(fs, d):
     p = f"{d}/attrs"
     fs.write_bytes(p, os.urandom(2 * CHUNK + 10))

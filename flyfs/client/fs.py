@@ -1251,6 +1251,8 @@ class AsyncFileSystem:
         self._check_open(h)
         if not h.readable:
             raise OSError(errno.EBADF, "file not open for reading", _show(h.path))
+        if h.node.is_dir:
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), _show(h.path))
         if offset < 0:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), _show(h.path))
         mv = memoryview(buf).cast("B")
@@ -1271,7 +1273,8 @@ class AsyncFileSystem:
         its length known. None where that does not apply or did not work: then
         call pread_into, which also retries and fails over."""
         st = h.state
-        if h.closed or not h.readable or offset < 0 or st.buffered or st.inflight or st.error is not None:
+        if (h.closed or not h.readable or offset < 0 or st.buffered or st.inflight or st.error is not None
+                or h.node.is_dir):
             return None
         mv = memoryview(buf).cast("B")
         size = st.size

@@ -167,6 +167,32 @@ def test_a_file_another_client_rewrote_is_read_afresh(mnt, d, fs):
     assert fs.read_bytes(api_path(mnt, p)) == b"Z" * 10 + b"C" * 4990
 
 
+def test_stat_ahead_after_a_listing_stays_right(mnt, d, fs):
+    """`ls -l`: the stats after a listing are answered from attributes fetched a page at
+    a time (stat-ahead); they are right, a change through the mount shows at once, and
+    another client's change within the kernel's attribute timeout (1 s)."""
+    names = [f"e{i:04d}" for i in range(600)]                  # more than one stat-ahead page
+    for i, n in enumerate(names):
+        fs.write_bytes(api_path(mnt, os.path.join(d, n)), b"x" * i)
+    assert sorted(os.listdir(d)) == names
+    for i, n in enumerate(names):
+        st = os.lstat(os.path.join(d, n))
+        assert st.st_size == i and stat.S_ISREG(st.st_mode), n
+    os.listdir(d)
+    os.chmod(os.path.join(d, "e0100"), 0o600)                   # through the mount: at once
+    with open(os.path.join(d, "e0101"), "ab") as f:
+        f.write(b"more")
+    assert stat.S_IMODE(os.lstat(os.path.join(d, "e0100")).st_mode) == 0o600
+    assert os.lstat(os.path.join(d, "e0101")).st_size == 101 + 4
+    os.listdir(d)
+    assert os.lstat(os.path.join(d, "e0200")).st_size == 200
+    fs.write_bytes(api_path(mnt, os.path.join(d, "e0201")), b"y" * 7)   # another client
+    deadline = time.monotonic() + 3
+    while os.lstat(os.path.join(d, "e0201")).st_size != 7:
+        assert time.monotonic() < deadline, "another client's change never showed"
+        time.sleep(0.1)
+
+
 def test_open_flags(mnt, d):
     p = os.path.join(d, "flags")
     fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

@@ -68,6 +68,16 @@ UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 _XATTR_OWN = ("user.", "trusted.")
 ATTR_AGE = 0.5  # fgetattr right after open/create answers from the attributes open returned
+# Stat-ahead (`ls -l`, `find -ls`, `du`, rsync): a stat that misses in a directory listed
+# in the last LISTED_AGE seconds fetches the attributes of the next AHEAD entries of the
+# listing in one call; each is then served once, within AHEAD_TTL (the kernel's
+# attr_timeout) and only while no operation that may change anything has run.
+AHEAD = 256
+AHEAD_TTL = 1.0
+LISTED_AGE = 5.0
+_READ_ONLY = frozenset({"getattr", "readdir", "opendir", "releasedir", "readlink", "statfs", "access",
+                        "getxattr", "listxattr", "read", "fgetattr"})
+_changes = [0]  # bumped before and after every other operation (stat-ahead results older are not used)
 
 
 def _errno(e: BaseException) -> int:
@@ -100,10 +110,14 @@ def keep_thread_state() -> None:
 def guard(fn):
     """Return -errno for a failure (fuse-python's own wrapper turns only OSError with an errno
     into one; anything else would become EINVAL)."""
+    changes = fn.__name__ not in _READ_ONLY
+
     @functools.wraps(fn)
     def wrapper(*args, **kw):
         if threading.get_ident() not in _kept:
             keep_thread_state()
+        if changes:
+            _changes[0] += 1
         try:
             return fn(*args, **kw)
         except OSError as e:
@@ -113,6 +127,9 @@ def guard(fn):
         except Exception as e:
             log.exception("%s%r failed", fn.__name__, args[1:3])
             return -_errno(e)
+        finally:
+            if changes:
+                _changes[0] += 1
     return wrapper
 
 
@@ -229,6 +246,8 @@ class FlyFuse(fusepy.Fuse):
         self._views: dict[tuple, FileSystem] = {}
         self._groups: dict[int, tuple[float, int, tuple[int, ...]]] = {}
         self._lock = threading.Lock()
+        self._ahead: dict[tuple, tuple] = {}    # ((uid, gids), path) -> (Inode, _changes then, until)
+        self._listed: dict[tuple, tuple[int, float]] = {}   # ((uid, gids), dir path) -> (ino, until)
         self.file_class = _file_class(self)
 
     # ---- who is asking ------------------------------------------------------------------------------
@@ -292,8 +311,33 @@ class FlyFuse(fusepy.Fuse):
     @guard
     def getattr(self, path):
         fs = self.who()
+        hit = self._ahead.pop((fs.user, path), None)
+        if hit is not None and hit[1] == _changes[0] and hit[2] > time.monotonic():
+            return fuse_stat(fs.core._overlay(hit[0]))
         n = fs.core.getattr_now(path, False)        # from this thread when it can
-        return fuse_stat(n if n is not None else fs._run_core("getattr", path, False))
+        if n is None:
+            n = fs._run_core("getattr", path, False)
+        self._stat_ahead(fs, path)
+        return fuse_stat(n)
+
+    def _stat_ahead(self, fs: FileSystem, path: str) -> None:
+        head, _, name = path.rpartition("/")
+        head = head or "/"
+        listed = self._listed.get((fs.user, head))
+        if listed is None or listed[1] < time.monotonic() or not name:
+            return
+        seen = _changes[0]
+        try:
+            entries, _ = fs._run_core("readdir_page", listed[0], os.fsencode(name), AHEAD, True, head)
+        except OSError:
+            return
+        until = time.monotonic() + AHEAD_TTL
+        if len(self._ahead) > 65536:
+            self._ahead.clear()
+        prefix = head.rstrip("/") + "/"
+        for e in entries:
+            if e.attr is not None:
+                self._ahead[(fs.user, prefix + os.fsdecode(e.name))] = (e.attr, seen, until)
 
     @guard
     def access(self, path, mode):
@@ -390,6 +434,9 @@ class FlyFuse(fusepy.Fuse):
         from the last offset it took until a call returns none (bounded memory)."""
         if dh is None:
             dh = _Dir(self.run("getattr", path, True), self.who())
+        if len(self._listed) > 4096:
+            self._listed.clear()
+        self._listed[(dh.fs.user, path)] = (dh.ino, time.monotonic() + LISTED_AGE)
         out = []
         if offset < 1:
             out.append(fusepy.Direntry(".", offset=1, type=stat_mod.S_IFDIR, ino=dh.ino))
@@ -469,6 +516,13 @@ def _file_class(ops: FlyFuse):
         """An open file: a client Handle (write session) used by every I/O call."""
 
         def __init__(self, path, flags, *mode):
+            _changes[0] += 1
+            try:
+                self._open(path, flags, *mode)
+            finally:
+                _changes[0] += 1
+
+        def _open(self, path, flags, *mode):
             try:
                 self.fs = ops.who()
                 if mode:

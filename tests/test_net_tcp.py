@@ -349,6 +349,26 @@ def test_aborted_call_forgets_request_and_the_connection_goes_on(run):
     run(body)
 
 
+def test_silence_counts_only_while_requests_wait_and_nothing_comes(run):
+    async def body():
+        svc = Service()
+        async with await net.serve(svc) as server, net.ConnectionPool() as pool:
+            await pool.call(server.address, ECHO, b"x")
+            await asyncio.sleep(0.3)
+            assert pool.silence(server.address) == 0               # idle: nothing waits
+            task = asyncio.ensure_future(pool.call(server.address, SLOW, b"s:1", timeout=30))
+            await svc.wait_slow(1)
+            await asyncio.sleep(0.3)
+            assert 0.25 < pool.silence(server.address) < 2         # counted from the request, not the idle time
+            await pool.call(server.address, ECHO, b"y")             # the peer speaks: silence starts over
+            assert pool.silence(server.address) < 0.1
+            svc.gates[b"s:1"].set()
+            await task
+            assert pool.silence(server.address) == 0
+            assert pool.silence("127.0.0.1:1") == 0                 # no connection
+    run(body)
+
+
 def test_timeout_mid_payload_never_writes_after_timeout(run, monkeypatch):
     """A reply whose payload is half received when the request times out (through the
     socket: the fake server speaks no shared memory)."""

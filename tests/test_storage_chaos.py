@@ -179,6 +179,29 @@ async def test_hung_tail_middle_head_are_routed_around(procs):
     await check_ledger(sc, chain, ledger)
 
 
+async def test_reads_leave_a_hung_replica_before_mgmtd_does(tmp_path):
+    """With a heartbeat timeout of 30 s, reads do not wait for mgmtd: a replica whose
+    connection stays silent while reads wait on it is left for another one."""
+    from flyfs.client import storage_client
+    async with StorageCluster(tmp_path, nodes=3, replication=3, processes=True, heartbeat_timeout=30,
+                              max_chunk_size=CS) as c:
+        sc = c.client(retry_timeout=60)
+        chain = (await c.chains())[0]
+        for i in range(30):
+            await sc.write(chain.chain_id, 7, i, 0, bytes([i]) * 5000, chunk_size=CS)
+        victim = c.nodes[c.node_of_target(chain.target_ids[1], await c.routing())]
+        os.kill(victim.proc.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            bufs = [bytearray(5000) for _ in range(30)]
+            got = await sc.batch_read([ReadPiece(chain.chain_id, 7, i, 0, 5000, bufs[i]) for i in range(30)])
+            took = time.monotonic() - started
+        finally:
+            os.kill(victim.proc.pid, signal.SIGCONT)
+        assert got == [5000] * 30 and all(b == bytes([i]) * 5000 for i, b in enumerate(bufs))
+        assert took < storage_client.HANG_AFTER + 5 < 20, took    # 20 s: the request timeout here
+
+
 @pytest.mark.slow
 async def test_tail_middle_head_killed_in_turn(procs):
     sc = procs.client(retry_timeout=60)

@@ -29,6 +29,9 @@ while a request has been in flight for WATCH_AFTER seconds the client asks
 mgmtd for the routing every WATCH_INTERVAL, and requests to a target whose
 chain changed (mgmtd took the silent node out after its heartbeat timeout)
 are abandoned and retried on the new chain instead of waiting out `timeout`.
+Requests to a target whose connection has sent nothing for HANG_AFTER
+seconds while they waited are abandoned too: a read goes to another replica
+then, without waiting for mgmtd (an update goes to the head again).
 """
 from __future__ import annotations
 
@@ -112,6 +115,7 @@ class _Retry(Exception):
 WATCH_AFTER = 1.0       # a request in flight this long makes the client watch the routing
 WATCH_INTERVAL = 0.5    # how often it asks mgmtd while it watches
 DIRECT_READ_TIMEOUT = 2.0   # a blocking read from a caller's thread then falls back to batch_read
+HANG_AFTER = 3.0        # a connection silent this long while requests wait on it: they are abandoned
 
 
 def moved_targets(old: RoutingInfo, new: RoutingInfo) -> set[int]:
@@ -244,7 +248,7 @@ class StorageClient:
         if moved is None:
             moved = self._moved[target_id] = loop.create_future()
         token = next(self._tokens)
-        self._inflight[token] = loop.time()
+        self._inflight[token] = (loop.time(), target_id, address)
         if self._watcher is None:
             self._watcher = loop.create_task(self._watch(routing))
         try:
@@ -260,8 +264,14 @@ class StorageClient:
         try:
             while self._inflight:
                 await asyncio.sleep(WATCH_INTERVAL)
-                if not self._inflight or loop.time() - min(self._inflight.values()) < WATCH_AFTER:
+                now = loop.time()
+                if not self._inflight or now - min(v[0] for v in self._inflight.values()) < WATCH_AFTER:
                     continue
+                for start, tid, address in list(self._inflight.values()):
+                    if now - start >= HANG_AFTER and self.pool.silence(address) >= HANG_AFTER:
+                        f = self._moved.pop(tid, None)
+                        if f is not None and not f.done():
+                            f.set_result(f"target {tid} at {address} sent nothing for {HANG_AFTER:g} s")
                 try:
                     new = await self.mgmtd.get_routing_info(force=True)
                 except MgmtdError as e:

@@ -68,6 +68,12 @@ class ConnectionPool:
             timeout = max(timeout - (loop.time() - start), 0.0)
         return await conn.call(method, header, payload, into, timeout, abort)
 
+    def silence(self, address: str) -> float:
+        """How long the connection to `address` has heard nothing while requests waited
+        on it (ClientConnection.silence); 0 without one."""
+        conn = self._conns.get(address)
+        return conn.silence() if conn is not None and conn.is_open else 0.0
+
     async def connection(self, address: str, timeout: float | None = None) -> ClientConnection:
         """The open connection to `address`, connecting if there is none."""
         conn = self._conns.get(address)

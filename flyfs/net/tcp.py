@@ -514,6 +514,18 @@ class ClientConnection(_Connection):
         self._on_close = on_close
         # arena name -> whether the peer maps it (a Future while asking); None: no shm here
         self._shm_peer: dict[str, object] | None = {} if shm.enabled() else None
+        self._heard = self._busy_since = self._loop.time()
+
+    def buffer_updated(self, nbytes):
+        self._heard = self._loop.time()
+        super().buffer_updated(nbytes)
+
+    def silence(self) -> float:
+        """Seconds the peer has sent nothing while requests waited for it (0 when none
+        wait): a peer that hangs stays silent, one that is only busy keeps answering."""
+        if not self._pending:
+            return 0.0
+        return self._loop.time() - max(self._heard, self._busy_since)
 
     async def _peer_maps(self, name: str, timeout: float | None) -> bool:
         """Whether the peer can map arena `name` (asked once per connection; a peer
@@ -631,6 +643,8 @@ class ClientConnection(_Connection):
         rid = self._next_id
         self._next_id = rid + 1
         fut = self._loop.create_future()
+        if not self._pending:
+            self._busy_since = self._loop.time()
         self._pending[rid] = _Pending(fut, method, views, capacity, into, reply_view)
         try:
             self._send(flags, method, rid, header, bufs, plen)

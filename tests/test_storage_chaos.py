@@ -196,10 +196,15 @@ async def test_reads_leave_a_hung_replica_before_mgmtd_does(tmp_path):
             bufs = [bytearray(5000) for _ in range(30)]
             got = await sc.batch_read([ReadPiece(chain.chain_id, 7, i, 0, 5000, bufs[i]) for i in range(30)])
             took = time.monotonic() - started
+            started = time.monotonic()                # the node is avoided from now on
+            again = await sc.batch_read([ReadPiece(chain.chain_id, 7, i, 0, 5000, bytearray(5000))
+                                         for i in range(30)])
+            took_again = time.monotonic() - started
         finally:
             os.kill(victim.proc.pid, signal.SIGCONT)
         assert got == [5000] * 30 and all(b == bytes([i]) * 5000 for i, b in enumerate(bufs))
         assert took < storage_client.HANG_AFTER + 5 < 20, took    # 20 s: the request timeout here
+        assert again == [5000] * 30 and took_again < 1, took_again
 
 
 @pytest.mark.slow

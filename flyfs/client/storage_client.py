@@ -40,6 +40,7 @@ import itertools
 import logging
 import os
 import random
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -116,6 +117,7 @@ WATCH_AFTER = 1.0       # a request in flight this long makes the client watch t
 WATCH_INTERVAL = 0.5    # how often it asks mgmtd while it watches
 DIRECT_READ_TIMEOUT = 2.0   # a blocking read from a caller's thread then falls back to batch_read
 HANG_AFTER = 3.0        # a connection silent this long while requests wait on it: they are abandoned
+SUSPECT_FOR = 10.0      # and reads keep away from that node this long (if another replica serves)
 
 
 def moved_targets(old: RoutingInfo, new: RoutingInfo) -> set[int]:
@@ -172,6 +174,7 @@ class StorageClient:
         self._inflight: dict[int, float] = {}         # request token -> start (loop time)
         self._tokens = itertools.count()
         self._watcher: asyncio.Task | None = None
+        self._suspect: dict[str, float] = {}          # node address -> until (time.monotonic) reads avoid it
 
     async def close(self) -> None:
         if self._watcher is not None:
@@ -269,6 +272,7 @@ class StorageClient:
                     continue
                 for start, tid, address in list(self._inflight.values()):
                     if now - start >= HANG_AFTER and self.pool.silence(address) >= HANG_AFTER:
+                        self._suspect[address] = time.monotonic() + SUSPECT_FOR
                         f = self._moved.pop(tid, None)
                         if f is not None and not f.done():
                             f.set_result(f"target {tid} at {address} sent nothing for {HANG_AFTER:g} s")
@@ -286,6 +290,23 @@ class StorageClient:
                 seen = new
         finally:
             self._watcher = None
+
+    def _suspects(self, routing: RoutingInfo) -> set[int]:
+        """Targets reads keep away from for now: those of a node whose connection went silent."""
+        if not self._suspect:
+            return set()
+        now = time.monotonic()
+        for address, until in list(self._suspect.items()):   # (also changed by callers' threads)
+            if until <= now:
+                self._suspect.pop(address, None)
+        out = set()
+        for tid in routing.targets:
+            try:
+                if routing.address_of(tid) in self._suspect:
+                    out.add(tid)
+            except KeyError:
+                pass
+        return out
 
     async def _retrying(self, what: str, attempt):
         """Run `attempt(routing)` until it returns, raising _Retry to go again."""
@@ -521,7 +542,10 @@ class StorageClient:
         readers = readable_targets(chain) if chain is not None else ()
         if not readers:
             return None
-        target = craq.read_order(readers, piece.inode * 7919 + piece.index, ())[0]
+        order = craq.read_order(readers, piece.inode * 7919 + piece.index, self._suspects(routing))
+        if not order:
+            return None
+        target = order[0]
         try:
             address = routing.address_of(target)
         except KeyError:
@@ -533,6 +557,8 @@ class StorageClient:
             reply = S.BatchReadReply.FromString(header)
         except (net.TransportError, DecodeError) as e:
             log.debug("direct read from target %d failed: %s", target, e)
+            if isinstance(e, net.RequestTimeout):   # silent for DIRECT_READ_TIMEOUT: read elsewhere
+                self._suspect[address] = time.monotonic() + SUSPECT_FOR
             return None
         if reply.status.code != SC.OK or len(reply.results) != 1 or n != piece.length:
             return None
@@ -558,14 +584,15 @@ class StorageClient:
                                          f"a writable buffer of at least that size")
             views.append(v[:p.length])
         bad: list[set[int]] = [set() for _ in range(n)]        # checksum mismatch on these targets
-        avoid: list[set[int]] = [set() for _ in range(n)]      # failed for other reasons (transient)
+        routing = await self.routing()
+        suspects = self._suspects(routing)
+        avoid: list[set[int]] = [set(suspects) for _ in range(n)]   # failed for other reasons (transient)
         to_tail: set[int] = set()
         errors: dict[int, str] = {}
         todo = list(range(n))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.retry_timeout
         delay = 0.02
-        routing = await self.routing()
         sem = asyncio.Semaphore(self.max_inflight)
         rounds = 0
         while todo:

@@ -171,7 +171,7 @@ class StorageClient:
         self._refreshing: asyncio.Task | None = None
         self.blocking = net.BlockingPool(connect_timeout=self.pool.connect_timeout)
         self._moved: dict[int, asyncio.Future] = {}   # target -> completed when its chain changes
-        self._inflight: dict[int, float] = {}         # request token -> start (loop time)
+        self._inflight: dict[int, tuple[float, int, str]] = {}   # token -> (start, target, address)
         self._tokens = itertools.count()
         self._watcher: asyncio.Task | None = None
         self._suspect: dict[str, float] = {}          # node address -> until (time.monotonic) reads avoid it

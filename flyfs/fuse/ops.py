@@ -68,10 +68,11 @@ UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 _XATTR_OWN = ("user.", "trusted.")
 ATTR_AGE = 0.5  # fgetattr right after open/create answers from the attributes open returned
-# Stat-ahead (`ls -l`, `find -ls`, `du`, rsync): a stat that misses in a directory listed
-# in the last LISTED_AGE seconds fetches the attributes of the next AHEAD entries of the
-# listing in one call; each is then served once, within AHEAD_TTL (the kernel's
-# attr_timeout) and only while no operation that may change anything has run.
+# Stat-ahead (`ls -l`, `find -ls`, `du`): a stat that misses in a directory listed in the
+# last LISTED_AGE seconds, with nothing changed through the mount since, fetches the
+# attributes of the next AHEAD entries of the listing in one call; each is then served
+# once, within AHEAD_TTL (the kernel's attr_timeout) and only while no operation that
+# may change anything has run (a workload that changes files as it goes gets none).
 AHEAD = 256
 AHEAD_TTL = 1.0
 LISTED_AGE = 5.0
@@ -247,7 +248,7 @@ class FlyFuse(fusepy.Fuse):
         self._groups: dict[int, tuple[float, int, tuple[int, ...]]] = {}
         self._lock = threading.Lock()
         self._ahead: dict[tuple, tuple] = {}    # ((uid, gids), path) -> (Inode, _changes then, until)
-        self._listed: dict[tuple, tuple[int, float]] = {}   # ((uid, gids), dir path) -> (ino, until)
+        self._listed: dict[tuple, tuple[int, float, int]] = {}  # ((uid, gids), dir) -> (ino, until, _changes)
         self.file_class = _file_class(self)
 
     # ---- who is asking ------------------------------------------------------------------------------
@@ -324,9 +325,9 @@ class FlyFuse(fusepy.Fuse):
         head, _, name = path.rpartition("/")
         head = head or "/"
         listed = self._listed.get((fs.user, head))
-        if listed is None or listed[1] < time.monotonic() or not name:
-            return
         seen = _changes[0]
+        if listed is None or listed[1] < time.monotonic() or listed[2] != seen or not name:
+            return
         try:
             entries, _ = fs._run_core("readdir_page", listed[0], os.fsencode(name), AHEAD, True, head)
         except OSError:
@@ -436,7 +437,7 @@ class FlyFuse(fusepy.Fuse):
             dh = _Dir(self.run("getattr", path, True), self.who())
         if len(self._listed) > 4096:
             self._listed.clear()
-        self._listed[(dh.fs.user, path)] = (dh.ino, time.monotonic() + LISTED_AGE)
+        self._listed[(dh.fs.user, path)] = (dh.ino, time.monotonic() + LISTED_AGE, _changes[0])
         out = []
         if offset < 1:
             out.append(fusepy.Direntry(".", offset=1, type=stat_mod.S_IFDIR, ino=dh.ino))

@@ -601,16 +601,22 @@ class AsyncFileSystem:
             return None
         return hit[0]
 
+    def _cached_dir(self, p: bytes) -> tuple[bytes, bytes, int | None]:
+        """(directory key, last name, directory inode if cached) of a path; the inode is
+        None also where the last name is '.', '..' or empty (walk the whole path then).
+        Search permission above a cached directory was checked when it was resolved,
+        within dir_cache_ttl."""
+        head, _, name = p.rpartition(b"/")
+        key = _dirkey(head or b"/")
+        if name in (b"", b".", b".."):
+            return key, name, None
+        return key, name, ROOT_INO if key == b"/" else self._cache_get(key)
+
     def _relative(self, p: bytes) -> tuple[bytes, int]:
         """(path, base) to resolve `p` from: its last name from its directory's inode where
-        that is cached (the server then walks one name, not every component; search
-        permission above it was checked when the directory was resolved, within
-        dir_cache_ttl, as for creates), else the whole path from the root."""
-        head, _, name = p.rpartition(b"/")
-        if name in (b"", b".", b".."):
-            return p, ROOT_INO
-        key = _dirkey(head or b"/")
-        ino = ROOT_INO if key == b"/" else self._cache_get(key)
+        that is cached (the server then walks one name, not every component), else the
+        whole path from the root."""
+        _, name, ino = self._cached_dir(p)
         return (p, ROOT_INO) if ino is None else (name, ino)
 
     def _resolved(self, p: bytes, n: Inode) -> None:
@@ -630,22 +636,15 @@ class AsyncFileSystem:
     async def _parent(self, path) -> tuple[int, bytes]:
         """(directory inode, last name) of a path to create or remove."""
         p = fspath(path).rstrip(b"/") or b"/"
-        head, _, name = p.rpartition(b"/")
-        if name in (b"", b".", b".."):
-            try:
-                d, name = await self._s.meta.resolve_parent(p, user=self.who)
-            except OSError as e:
-                raise _with_path(e, path) from None
-            return d.ino, name
-        key = _dirkey(head or b"/")
-        ino = ROOT_INO if key == b"/" else self._cache_get(key)
+        key, last, ino = self._cached_dir(p)
         if ino is not None:
-            return ino, name
+            return ino, last
         try:
             d, name = await self._s.meta.resolve_parent(p, user=self.who)
         except OSError as e:
             raise _with_path(e, path) from None
-        self._cache_put(key, d.ino)
+        if last not in (b"", b".", b".."):   # else `key` is not the directory the server named
+            self._cache_put(key, d.ino)
         return d.ino, name
 
     def _saw(self, n: Inode) -> None:

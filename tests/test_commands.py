@@ -47,10 +47,23 @@ def test_statvfs_follows_the_disk(fly, fs, tmp_path):
     disk = shutil.disk_usage(tmp_path)
     size, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
     assert 0 < free <= size
-    # Each node splits its disk's free space among its targets, and capacity is
-    # divided by the replication: exact when every node has its own disk (or, as
-    # with `flyfs up`, replicas == nodes); here 3 co-located nodes with 2 replicas
-    # overstate it by nodes / replicas.
-    overstate = 3 / 2
-    assert free <= disk.free * overstate * 1.05 + (64 << 20)
-    assert free >= disk.free * overstate * 0.8
+    # Each node splits its disk's free space among its targets; the metadata service
+    # counts a disk's free space once (these 3 nodes share one) and divides by the
+    # replication (2 here): what a user can still write.
+    assert free <= disk.free / 2 * 1.05 + (64 << 20)
+    assert free >= disk.free / 2 * 0.8
+
+
+def test_disk_space_counts_a_shared_disk_once():
+    from types import SimpleNamespace as T
+
+    from flyfs.metaserver.attrs import disk_space
+    gb = 1 << 30
+    targets = [T(target_id=1, node_id=1, device="h:8", used_bytes=1 * gb, total_bytes=1 * gb + 50 * gb),
+               T(target_id=2, node_id=1, device="h:8", used_bytes=2 * gb, total_bytes=2 * gb + 50 * gb),
+               T(target_id=3, node_id=2, device="h:8", used_bytes=3 * gb, total_bytes=3 * gb + 100 * gb),
+               T(target_id=4, node_id=3, device="g:8", used_bytes=0, total_bytes=70 * gb),
+               T(target_id=5, node_id=4, device="", used_bytes=0, total_bytes=5 * gb)]
+    # h:8 has 100 GiB free (node 1 splits it over two targets, node 2 reports all of it);
+    # g:8 is another host's disk; target 5 reports no device and counts on its own.
+    assert disk_space(targets) == (6 * gb, 100 * gb + 70 * gb + 5 * gb)

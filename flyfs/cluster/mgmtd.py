@@ -558,8 +558,8 @@ class Mgmtd:
             out.public_state = int(self._chains[t.chain_id].states().get(t.target_id, 0))
         if t.target_id in self._reports:
             out.local_state = int(self._reports[t.target_id][0])
-        used, total = self._usage.get(t.target_id, (0, 0))
-        out.used_bytes, out.total_bytes = used, total
+        used, total, device = self._usage.get(t.target_id, (0, 0, ""))
+        out.used_bytes, out.total_bytes, out.device = used, total, device
         return out
 
     def _table_proto(self, table_id: int, version: int) -> mgmtd_pb2.ChainTableInfo:
@@ -694,7 +694,7 @@ class Mgmtd:
                     self._reports[t.target_id] = (LocalState.OFFLINE, 0)
                 else:
                     self._reports[t.target_id] = (LocalState(th.local_state), th.chain_version)
-                    self._usage[t.target_id] = (th.used_bytes, th.total_bytes)
+                    self._usage[t.target_id] = (th.used_bytes, th.total_bytes, th.device)
                 if t.chain_id in self._chains:
                     chains.add(t.chain_id)
             await self._reconcile_locked(sorted(chains))

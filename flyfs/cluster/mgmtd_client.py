@@ -104,9 +104,9 @@ def _target_heartbeat(t) -> mgmtd_pb2.TargetHeartbeat:
     if isinstance(t, mgmtd_pb2.TargetHeartbeat):
         return t
     target_id, state, *rest = t
-    chain_version, used, total = (list(rest) + [0, 0, 0])[:3]
+    chain_version, used, total, device = (list(rest) + [0, 0, 0, ""][len(rest):])[:4]
     return mgmtd_pb2.TargetHeartbeat(target_id=target_id, local_state=int(state), chain_version=chain_version,
-                                     used_bytes=used, total_bytes=total)
+                                     used_bytes=used, total_bytes=total, device=device)
 
 
 class MgmtdClient:

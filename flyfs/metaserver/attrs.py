@@ -143,6 +143,23 @@ async def truncate(ctx: Ctx, who: Caller, ino: int, length: int, session: bytes 
     return await setattr(ctx, who, ino, size=length, session=session)
 
 
+def disk_space(targets) -> tuple[int, int]:
+    """(used, free) bytes of storage targets (mgmtd TargetInfo: used_bytes, total_bytes,
+    device, node_id): used summed; free counted once per disk. A node splits a disk's
+    free space among its targets on it, and nodes that share a disk (one machine) each
+    report all of it; a target without a device counts on its own."""
+    used = 0
+    per_node: dict[tuple, int] = {}
+    for t in targets:
+        used += t.used_bytes
+        key = (t.device or f"target {t.target_id}", t.node_id)
+        per_node[key] = per_node.get(key, 0) + max(0, t.total_bytes - t.used_bytes)
+    per_disk: dict[str, int] = {}
+    for (device, _), free in per_node.items():
+        per_disk[device] = max(per_disk.get(device, 0), free)
+    return used, sum(per_disk.values())
+
+
 async def statfs(ctx: Ctx, who: Caller) -> StatFs:
     """Space from the injected `space` callable ((total, free[, avail]) bytes), inode
     counts from the id counter."""

@@ -28,6 +28,7 @@ import grpc
 from ..kv import KVError, open_engine
 from ..proto import common_pb2, meta_pb2, meta_pb2_grpc
 from . import wire
+from .attrs import disk_space
 from .common import MetaConfig
 from .layout import ChainTable, static_chain_table
 from .netserver import start_net_server
@@ -346,12 +347,11 @@ class ClusterLink:
         now = time.monotonic()
         if self._space is None or now - self._space_at > 3.0:
             reply = await self.mgmtd.list_chains()
-            total = sum(t.total_bytes for t in reply.targets)
-            used = sum(t.used_bytes for t in reply.targets)
+            used, free = disk_space(reply.targets)
             # Every byte is stored `replicas` times: report what a user can write.
             chains = list(reply.chains)
             replicas = max(1, round(sum(len(c.targets) for c in chains) / len(chains))) if chains else 1
-            self._space = (total // replicas, max(0, total - used) // replicas)
+            self._space = ((used + free) // replicas, free // replicas)
             self._space_at = now
         return self._space
 

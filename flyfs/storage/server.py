@@ -37,6 +37,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -212,6 +213,7 @@ class Target:
         # Completed when this target's successor changes: a forward waiting on the old
         # one (hung, cut off) is abandoned and goes to the new one.
         self.moved: asyncio.Future | None = None
+        self.device = ""                     # "host:st_dev" of the disk holding it
         self.free_bytes: int | None = None   # the disk's free bytes at free_at (None: not known)
         self.free_at = 0.0
 
@@ -451,7 +453,7 @@ class StorageServer:
             role = t.role
             chain_version = role.chain_version if role else 0
             state = craq.local_state(role.state if role else None, t.synced_version, chain_version)
-            out.append((t.target_id, state, chain_version, t.engine.used_bytes(), t.total_bytes))
+            out.append((t.target_id, state, chain_version, t.engine.used_bytes(), t.total_bytes, t.device))
         return out
 
     async def _refresh_capacity(self) -> None:
@@ -462,8 +464,10 @@ class StorageServer:
         devices = [(await asyncio.to_thread(os.stat, t.path)).st_dev for t in targets]
         for t, dev in zip(targets, devices):
             free = (await asyncio.to_thread(shutil.disk_usage, t.path)).free
-            # Targets of this node on one disk share its free space.
+            # Targets of this node on one disk share its free space (and nodes on one
+            # disk too: the metadata service counts a device's free space once).
             t.total_bytes = t.engine.used_bytes() + free // devices.count(dev)
+            t.device = f"{socket.gethostname()}:{dev}"
 
     async def _heartbeat_once(self) -> None:
         if time.monotonic() - getattr(self, "_capacity_at", 0.0) > 5.0:

@@ -3,6 +3,7 @@ gRPC suite's round trips through MetaClient("tcp://..."), errors as OSError,
 bad frames answered without harming the server, and discovery through mgmtd
 (NodeInfo.data_address) with `flyfs meta` as a real process."""
 import asyncio
+import contextlib
 import os
 import errno
 import re
@@ -451,10 +452,10 @@ async def test_an_unreachable_server_fails_over_to_another(transport):
         await engine.close()
 
 
-async def test_a_server_that_stops_answering_is_failed_over_once_it_is_down():
-    """A server that accepts connections and never answers: a call times out; while
-    `liveness` says the server is alive that is an EIO (the call may still run there),
-    once it says it is gone the call goes to the server `failover` names."""
+@contextlib.asynccontextmanager
+async def _hung_and_good_server():
+    """(hung target, good server, alive): a server that accepts connections and reads
+    everything but never answers, a real one, and the liveness map the test sets."""
     hung_conns = []
 
     async def swallow(reader, writer):
@@ -467,24 +468,9 @@ async def test_a_server_that_stops_answering_is_failed_over_once_it_is_down():
     svc = make_service(engine)
     await svc.format(root_mode=0o1777)
     server = await start_net_server(svc, "127.0.0.1", 0)
-    alive = {hung_target: True, server.address: True}
-
-    async def liveness(t):
-        return alive[t]
-
-    async def failover(tried):
-        return server.address if server.address not in tried else None
-
-    c = MetaClient(hung_target, user=ALICE, timeout=0.3, retries=1, failover=failover, liveness=liveness)
     try:
-        with pytest.raises(OSError) as e:
-            await c.getattr(ROOT_INO)
-        assert e.value.errno == errno.EIO and c.target == hung_target
-        alive[hung_target] = False          # mgmtd stopped hearing from it
-        assert (await c.getattr(ROOT_INO)).ino == ROOT_INO
-        assert c.target == server.address
+        yield hung_target, server, {hung_target: True, server.address: True}
     finally:
-        await c.close_channel()
         await server.close()
         hung.close()
         for w in hung_conns:
@@ -492,3 +478,64 @@ async def test_a_server_that_stops_answering_is_failed_over_once_it_is_down():
         await hung.wait_closed()
         await svc.stop()
         await engine.close()
+
+
+async def test_calls_to_a_silent_server_go_elsewhere_once_it_is_down_without_waiting_for_the_timeout(monkeypatch):
+    """A hung server and a 30 s call timeout: while mgmtd still hears from it the calls
+    wait; once `liveness` says it is gone they are abandoned and run at the server
+    `failover` names (a create and a remove too, exactly once), long before the timeout."""
+    import flyfs.client.meta_client as mc
+    monkeypatch.setattr(mc, "HANG_AFTER", 0.3)
+    monkeypatch.setattr(mc, "HANG_CHECK", 0.1)
+    async with _hung_and_good_server() as (hung_target, server, alive):
+        asked = []
+
+        async def liveness(t):
+            asked.append(t)
+            return alive[t]
+
+        async def failover(tried):
+            return server.address if server.address not in tried else None
+
+        c = MetaClient(hung_target, user=ALICE, timeout=30, retries=1, failover=failover, liveness=liveness)
+        loop = asyncio.get_running_loop()
+        try:
+            t0 = loop.time()
+            calls = asyncio.gather(c.getattr(ROOT_INO), c.mkdir(ROOT_INO, "d"), c.lookup(ROOT_INO, "nope"),
+                                   return_exceptions=True)
+            await asyncio.sleep(1.0)
+            assert not calls.done() and asked and set(asked) == {hung_target}   # alive: they wait
+            alive[hung_target] = False                                          # mgmtd stopped hearing from it
+            root, d, missing = await asyncio.wait_for(calls, 5)
+            assert loop.time() - t0 < 5 and c.target == server.address
+            assert root.ino == ROOT_INO and (await c.lookup(ROOT_INO, "d")).ino == d.ino
+            assert isinstance(missing, FileNotFoundError)
+            f, session = await c.create(d.ino, "f")
+            await c.close(f.ino, session, length=0)
+            await c.unlink(d.ino, "f")
+            assert (await c.readdir(d.ino))[0] == []
+        finally:
+            await c.close_channel()
+
+
+async def test_a_server_that_stops_answering_is_failed_over_once_it_is_down():
+    """A server that accepts connections and never answers: a call times out; while
+    `liveness` says the server is alive that is an EIO (the call may still run there),
+    once it says it is gone the call goes to the server `failover` names."""
+    async with _hung_and_good_server() as (hung_target, server, alive):
+        async def liveness(t):
+            return alive[t]
+
+        async def failover(tried):
+            return server.address if server.address not in tried else None
+
+        c = MetaClient(hung_target, user=ALICE, timeout=0.3, retries=1, failover=failover, liveness=liveness)
+        try:
+            with pytest.raises(OSError) as e:
+                await c.getattr(ROOT_INO)
+            assert e.value.errno == errno.EIO and c.target == hung_target
+            alive[hung_target] = False          # mgmtd stopped hearing from it
+            assert (await c.getattr(ROOT_INO)).ino == ROOT_INO
+            assert c.target == server.address
+        finally:
+            await c.close_channel()

@@ -33,6 +33,13 @@ and sends the call again there, with the same uuid. A call that times out
 fails over too when ``liveness`` (async: target -> bool) says the server is
 no longer alive (mgmtd stopped hearing from it: a hung or cut-off server);
 while it is alive a timeout stays an EIO (the call may still run there).
+Over flyfs/net a call need not wait for its timeout: once calls have waited
+HANG_AFTER seconds on a connection that has sent nothing meanwhile, the
+client asks ``liveness`` (every HANG_CHECK seconds) and abandons them as
+soon as the server is known to be gone, then fails over; a server that is
+only slow keeps answering other calls or stays alive in mgmtd, and its calls
+wait as before. (A call the hung server still runs later is harmless: the
+retry carries the same uuid, and the KV's transactions make the two one.)
 """
 from __future__ import annotations
 
@@ -60,6 +67,8 @@ NET_SCHEME = "tcp://"
 log = logging.getLogger("flyfs.client.meta")
 MAX_COALESCE = 256      # calls in one coalesced Batch (the server takes up to 1024)
 CONNECT_TIMEOUT = 5.0   # at most, for a connection (a server cut off answers nothing)
+HANG_AFTER = 3.0        # calls waiting this long on a silent connection: ask whether the server is alive
+HANG_CHECK = 1.0        # how often, while that lasts
 _ALONE = object()       # a coalescable call with no company: sent as a plain call
 
 
@@ -71,7 +80,7 @@ class _NetLink:
     """One event loop's flyfs/net connections to the server, and the calls
     waiting for the end of the loop iteration to go out together."""
 
-    __slots__ = ("loop", "pool", "pending", "tasks", "inflight")
+    __slots__ = ("loop", "pool", "pending", "tasks", "inflight", "waiting", "aborts", "watcher")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: net.ConnectionPool):
         self.loop = loop
@@ -79,6 +88,11 @@ class _NetLink:
         self.pending: list = []             # (MetaOp field, request, future)
         self.tasks: set[asyncio.Task] = set()
         self.inflight = 0                   # calls sent and not yet answered
+        # with `liveness`: calls in flight (token -> (sent at, target)), one abort future
+        # per target that ends all of them, and the task that watches for a hung server
+        self.waiting: dict[object, tuple[float, str]] = {}
+        self.aborts: dict[str, asyncio.Future] = {}
+        self.watcher: asyncio.Task | None = None
 
 
 def pick_meta_target(node_info) -> str:
@@ -198,6 +212,9 @@ class MetaClient:
         for loop, link in links.items():
             if loop is here:
                 await link.pool.close()
+                if link.watcher is not None:
+                    link.watcher.cancel()
+                    await asyncio.gather(link.watcher, return_exceptions=True)
             elif loop.is_running():
                 asyncio.run_coroutine_threadsafe(link.pool.close(), loop)
 
@@ -343,8 +360,18 @@ class MetaClient:
         link = self._link()
         for attempt in range(self.retries + 1):
             link.inflight += 1
+            target, token, abort = self.target, object(), None
+            if self.liveness is not None:
+                abort = link.aborts.get(target)
+                if abort is None or abort.done():
+                    abort = link.aborts[target] = link.loop.create_future()
+                link.waiting[token] = (link.loop.time(), target)
+                if link.watcher is None:
+                    link.watcher = link.loop.create_task(self._watch_hung(link))
             try:
-                raw = await link.pool.call(self.target, mid, data, timeout=self.timeout)
+                raw = await link.pool.call(target, mid, data, timeout=self.timeout, abort=abort)
+            except net.RequestAborted as e:
+                raise MetaUnreachable(errno.EIO, f"metadata server {target}: {e}") from None
             except net.RequestTimeout as e:
                 target = self.target
                 if await self._gone(target):
@@ -361,11 +388,37 @@ class MetaClient:
                 raise MetaUnreachable(errno.EIO, f"metadata server {self.target}: UNAVAILABLE: {e}") from None
             finally:
                 link.inflight -= 1
+                link.waiting.pop(token, None)
             try:
                 return METHODS[mid].reply.FromString(raw.header)
             except Exception as e:
                 raise OSError(errno.EIO, f"metadata server {self.target}: malformed {method} reply: {e}") from None
         raise AssertionError("unreachable")
+
+    async def _watch_hung(self, link: _NetLink) -> None:
+        """While calls are in flight on `link`: abandon those to a server that has sent
+        nothing for HANG_AFTER seconds and that mgmtd no longer hears from."""
+        try:
+            while link.waiting:
+                await asyncio.sleep(HANG_CHECK)
+                now = link.loop.time()
+                silent = {t for start, t in link.waiting.values()
+                          if now - start >= HANG_AFTER and link.pool.silence(t) >= HANG_AFTER}
+                for target in silent:
+                    try:
+                        gone = not await self.liveness(target)
+                    except Exception as e:  # mgmtd unreachable: nothing known, keep waiting
+                        log.debug("metadata liveness of %s unknown: %s", target, e)
+                        continue
+                    abort = link.aborts.pop(target, None)
+                    if gone and abort is not None and not abort.done():
+                        log.warning("metadata server %s sent nothing for %g s and mgmtd no longer hears "
+                                    "from it: its calls go elsewhere", target, HANG_AFTER)
+                        abort.set_result(f"sent nothing for {HANG_AFTER:g} s and no longer alive in mgmtd")
+                    elif abort is not None:
+                        link.aborts[target] = abort
+        finally:
+            link.watcher = None
 
     def call_now(self, method: str, build, user: Caller | None = None):
         """`_call` from the calling thread over a blocking connection, with no event loop

@@ -246,6 +246,7 @@ class Engine:
     backoff_base = 0.0005
     backoff_cap = 0.05
     sync_commits = True     # transactions' default `durable` (see relax_commits)
+    reads_checked = False   # True: _finish checks an attempt that commits nothing
 
     def __init__(self):
         self.stats = Stats()
@@ -273,6 +274,14 @@ class Engine:
     def _end(self, state) -> None:
         pass
 
+    async def _finish(self, state, failed: bool) -> None:
+        """After `fn` of an attempt that commits nothing returned (or raised, `failed`):
+        raise TransactionConflict when what it read may be out of date, to run it again.
+        Engines whose reads are always current have nothing to check."""
+
+    def _retrying(self, state) -> None:
+        """The attempt with `state` follows a conflict (engines with a read cache read around it)."""
+
     async def close(self) -> None:
         pass
 
@@ -291,12 +300,25 @@ class Engine:
         last: TransactionConflict | None = None
         for attempt in range(1, tries + 1):
             txn = Transaction(self)
+            if attempt > 1:
+                self._retrying(txn._state)
             try:
-                result = fn(txn)
-                if asyncio.iscoroutine(result) or isinstance(result, Awaitable):
-                    result = await result
+                try:
+                    result = fn(txn)
+                    if asyncio.iscoroutine(result) or isinstance(result, Awaitable):
+                        result = await result
+                except (TransactionConflict, asyncio.CancelledError):
+                    raise
+                except Exception:
+                    # An answer computed from reads that may be out of date (an engine's
+                    # read cache) is checked before it is given: ENOENT from a stale entry retries.
+                    if self.reads_checked:
+                        await self._finish(txn._state, True)
+                    raise
                 if not txn.read_only:
                     await self._commit(txn._state, txn)
+                elif self.reads_checked:
+                    await self._finish(txn._state, False)
                 self.stats.committed += 1
                 if attempt > 32:
                     log.warning("transaction needed %d tries (%.3f s)", attempt, time.monotonic() - started)

@@ -173,3 +173,32 @@ async def test_without_the_cache_no_watch_runs(etcd_server):
         assert e._watcher is None and e.cache_stats["hits"] == 0
     finally:
         await e.close()
+
+
+async def test_transactions_wait_for_a_restarting_etcd(tmp_path):
+    """etcd killed and back a second later: a transaction issued meanwhile waits for it
+    (the call is sent once connected, so it applies once) instead of failing."""
+    import time
+    from flyfs.kv.etcd_server import EtcdServer
+    srv = EtcdServer(str(tmp_path / "etcd")).start()
+    e = open_engine(srv.url("r"))
+    try:
+        await _live(e)
+        await e.transact(lambda t: t.set(b"k", b"1"))
+        srv.proc.kill()
+        srv.proc.wait()
+
+        def restart():
+            time.sleep(1.0)
+            srv.start()
+        back = asyncio.get_running_loop().run_in_executor(None, restart)
+
+        async def incr(t):
+            t.set(b"k", b"%d" % (int(await t.get(b"k")) + 1))
+        await e.transact(incr)
+        await back
+        assert await e.transact(lambda t: t.get(b"k")) == b"2"
+        await _live(e)                  # and the cache is back
+    finally:
+        await e.close()
+        srv.stop()

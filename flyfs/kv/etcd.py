@@ -14,6 +14,8 @@ gRPC protos (as packaged by aetcd, which works with current grpcio/protobuf):
   --max-txn-ops (default 128) or a bigger request than --max-request-bytes
   (default 1.5 MiB) raises TransactionTooLarge before anything is sent: it is
   never committed in parts.
+- While etcd cannot be reached (restarting), a call waits for it up to the
+  timeout (10 s) and is sent once connected, then EngineUnavailable.
 - Reads are `serializable` (served by the member without a quorum round):
   a stale read can only make the commit's compares fail and the transaction
   retry, never commit on stale data. (A read-only transaction commits nothing:
@@ -144,7 +146,10 @@ class EtcdEngine(Engine):
 
     async def _call(self, method: str, request):
         try:
-            return await getattr(self._kv(), method)(request, timeout=self.timeout)
+            # wait_for_ready: while etcd is unreachable (restarting), a call waits for the
+            # connection, up to the timeout, instead of failing at once; it is sent only once
+            # connected, so waiting never risks a commit applied twice.
+            return await getattr(self._kv(), method)(request, timeout=self.timeout, wait_for_ready=True)
         except grpc.aio.AioRpcError as e:
             details = e.details() or ""
             if "compacted" in details:

@@ -172,3 +172,17 @@ def test_up_on_etcd_without_mount(tmp_path, etcd_server):
     finally:
         proc.terminate()
         assert proc.wait(60) == 0
+
+
+def test_a_daemon_that_dies_at_start_is_reported_with_its_reason(tmp_path):
+    """flyfs up's error for a daemon that exits while starting carries the daemon's own
+    last line (one line to read), not only a pointer to its log."""
+    from flyfs.cluster.procs import Daemon, free_port, wait_port
+    port = free_port()
+    d = Daemon("meta", ["meta", "--kv", "nope://x", "--mgmtd", "127.0.0.1:1", "--listen", f"127.0.0.1:{port}"],
+               str(tmp_path / "meta.log")).start()
+    with pytest.raises(RuntimeError) as e:
+        wait_port("127.0.0.1", port, 30, d)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("meta exited with 1: flyfs meta: unknown KV engine URL 'nope://x'")
+    assert str(tmp_path / "meta.log") in msg

@@ -39,7 +39,9 @@ def wait_port(host: str, port: int, timeout: float, proc: "Daemon | None" = None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and not proc.alive:
-            raise RuntimeError(f"{proc.name} exited with {proc.returncode}; see {proc.log_path}")
+            last = next((ln for ln in reversed(proc.log_tail(5).splitlines()) if ln.strip()), "")
+            why = f": {last.strip()}" if last else ""
+            raise RuntimeError(f"{proc.name} exited with {proc.returncode}{why} (log: {proc.log_path})")
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 return

@@ -154,7 +154,10 @@ class EtcdEngine(Engine):
             details = e.details() or ""
             if "compacted" in details:
                 raise TransactionConflict((), "etcd: read revision was compacted; retrying") from None
-            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise EngineUnavailable(f"etcd at {self.target} did not answer within {self.timeout:g} s "
+                                        f"(not running there, or unreachable)") from None
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
                 raise EngineUnavailable(f"etcd at {self.target} unavailable: {details}") from None
             if "too many operations" in details or "too large" in details:
                 raise TransactionTooLarge(f"etcd refused the transaction: {details} (nothing was committed)") from None

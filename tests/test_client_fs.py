@@ -408,6 +408,34 @@ def test_length_visible_to_other_clients_after_fsync_and_periodically(fly, d):
         reader.close()
 
 
+def test_open_after_another_client_replaced_the_name_reads_the_new_file(fly, fs, d):
+    """Close-to-open for names: a client that just read and stat'ed `p` opens it again
+    after another client moved that file away and wrote a new one at `p`: it reads the
+    new file, not the one it had seen under that name (found by a randomized run of
+    two clients on two metadata servers)."""
+    other = fly.connect()
+    try:
+        p = f"{d}/f"
+        fs.write_bytes(p, b"old" * 100)
+        assert fs.read_bytes(p) == b"old" * 100 and fs.stat(p).st_size == 300
+        other.rename(p, f"{d}/moved")
+        other.write_bytes(p, b"new" * 600)
+        assert fs.read_bytes(p) == b"new" * 600
+        with fs.open(p, "rb") as f:
+            assert f.read() == b"new" * 600
+        assert fs.read_bytes(f"{d}/moved") == b"old" * 100
+        other.remove(p)
+        with pytest.raises(FileNotFoundError):
+            fs.read_bytes(p)
+        other.symlink(f"{d}/moved", p)
+        assert fs.read_bytes(p) == b"old" * 100
+        with pytest.raises(OSError) as e:       # O_NOFOLLOW on a symlink
+            fs._run_core("open_handle", p, os.O_RDONLY | os.O_NOFOLLOW)
+        assert e.value.errno == errno.ELOOP
+    finally:
+        other.close()
+
+
 @pytest.mark.parametrize("mode", ["wb", "w+b", "w"])
 def test_flush_of_a_file_object_reaches_the_chains(fly, fs, d, mode):
     """flush() of a buffered or text file object does what RawFile.flush does (the

@@ -434,7 +434,6 @@ class _Shared:
         self.executor = executor
         self.umask = umask
         self.dircache: dict[tuple, tuple[int, float]] = {}
-        self.names: dict[tuple, tuple[int, float]] = {}  # (uid, gids, path, follow) -> (ino, expiry)
         self.files: dict[int, _InodeState] = {}
         self.versions: dict[int, tuple[int, int, int]] = {}  # ino -> (mtime, ctime, size) last seen
         self.handles: set[Handle] = set()
@@ -578,28 +577,6 @@ class AsyncFileSystem:
     def invalidate_cache(self) -> None:
         """Forget cached path lookups (after a name moved or went away, or permissions changed)."""
         self._s.dircache.clear()
-        self._s.names.clear()
-
-    def _remember(self, p: bytes, n: Inode, follow: bool) -> None:
-        """Remember which inode `p` named just now (an open right after a stat, as FUSE
-        does, then needs no second lookup)."""
-        ttl = self._s.config.dir_cache_ttl
-        if ttl <= 0:
-            return
-        names = self._s.names
-        if len(names) > 65536:
-            names.clear()
-        exp = time.monotonic() + ttl
-        who = (self.who.uid, self.who.gids)
-        names[(*who, p, follow)] = (n.ino, exp)
-        if not n.is_symlink:
-            names[(*who, p, not follow)] = (n.ino, exp)
-
-    def _recalled(self, p: bytes, follow: bool) -> int | None:
-        hit = self._s.names.get((self.who.uid, self.who.gids, p, follow))
-        if hit is None or hit[1] < time.monotonic():
-            return None
-        return hit[0]
 
     def _cached_dir(self, p: bytes) -> tuple[bytes, bytes, int | None]:
         """(directory key, last name, directory inode if cached) of a path; the inode is
@@ -674,9 +651,7 @@ class AsyncFileSystem:
     # ---- attributes ----------------------------------------------------------------------------------------
     async def getattr(self, path, follow_symlinks: bool = True) -> Inode:
         """The inode at `path` (this client's unreported writes included in the size)."""
-        n = await self._node(path, follow_symlinks)
-        self._remember(fspath(path), n, follow_symlinks)
-        return self._overlay(n)
+        return self._overlay(await self._node(path, follow_symlinks))
 
     def getattr_now(self, path, follow_symlinks: bool = True) -> Inode | None:
         """getattr in the calling thread with no hop to the event loop (thread-safe),
@@ -694,7 +669,6 @@ class AsyncFileSystem:
         if n is None:
             return None
         self._resolved(p, n)
-        self._remember(p, n, follow_symlinks)
         return self._overlay(n)
 
     async def stat(self, path, *, follow_symlinks: bool = True) -> os.stat_result:
@@ -918,8 +892,6 @@ class AsyncFileSystem:
             await self._s.meta.unlink(parent, name, user=self.who)
         except OSError as e:
             raise _with_path(e, path) from None
-        finally:
-            self._s.names.clear()
 
     remove = unlink
 
@@ -1042,19 +1014,13 @@ class AsyncFileSystem:
                     else:
                         raise
             else:
-                follow = not flags & os.O_NOFOLLOW
-                ino = self._recalled(fspath(path), follow)
-                node = session = None
-                if ino is not None:
-                    try:
-                        node, session = await meta.open(ino, flags, user=self.who)
-                    except FileNotFoundError:  # removed since: look the name up again
-                        node = None
-                if node is None:
-                    node = await self._node(path, follow)
-                    if not follow and node.is_symlink:
-                        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
-                    node, session = await meta.open(node.ino, flags, user=self.who)
+                # The name resolved and the file opened in one call, so what opens is what
+                # the name means now (close-to-open: another client may have renamed or
+                # replaced it since we last looked).
+                p = fspath(path)
+                rel, base = self._relative(p)
+                node, session = await meta.open_path(rel, flags, base, not flags & os.O_NOFOLLOW,
+                                                     user=self.who)
         except OSError as e:
             if e.filename is not None:
                 raise

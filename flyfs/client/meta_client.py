@@ -575,6 +575,12 @@ class MetaClient:
     async def open(self, ino: int, flags: int, *, user: Caller | None = None) -> tuple[Inode, bytes | None]:
         return await self._opened("Open", lambda h: pb.OpenReq(header=h, ino=ino, flags=flags), user)
 
+    async def open_path(self, path, flags: int, base: int = ROOT_INO, follow: bool = True, *,
+                        user: Caller | None = None) -> tuple[Inode, bytes | None]:
+        """Open what `path` names (from directory `base`), resolved and opened in one call."""
+        return await self._opened("Open", lambda h: pb.OpenReq(header=h, path=_b(path), flags=flags,
+                                                               base=base, follow=follow), user)
+
     def _close_req(self, h, ino, session, length, wrote, durable=False):
         r = pb.CloseReq(header=h, ino=ino, session=session or b"", wrote=wrote, durable=durable)
         if length is not None:

@@ -435,6 +435,13 @@ async def resolve(ctx: Ctx, who: Caller, path, follow: bool = True, base: int = 
     return await ctx.transact(fn)
 
 
+async def walk(txn, who: Caller, path, follow: bool = True, base: int = ROOT_INO) -> Inode:
+    """`resolve` inside a transaction of the caller's (checks the path and base first)."""
+    path = _check_path(path)
+    check_ino(base)
+    return await _walk(txn, who, path, follow, base)
+
+
 async def resolve_parent(ctx: Ctx, who: Caller, path, base: int = ROOT_INO) -> tuple[Inode, bytes]:
     """(directory, last name) for creating or removing `path`: every component but the
     last is resolved (symlinks followed); the last is returned unchecked."""

@@ -164,6 +164,9 @@ class MetaServicer(meta_pb2_grpc.MetaServicer):
         return await self._empty(self.svc.removexattr(wire.caller_of(r.header), r.ino, r.name))
 
     async def Open(self, r, context=None):
+        if r.HasField("path"):
+            return await self._opened(self.svc.open_path(wire.caller_of(r.header), r.path, r.flags,
+                                                         r.base or 1, r.follow))
         return await self._opened(self.svc.open(wire.caller_of(r.header), r.ino, r.flags))
 
     async def Close(self, r, context=None):

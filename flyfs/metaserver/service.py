@@ -182,6 +182,11 @@ class MetaService:
     async def open(self, who: Caller, ino: int, flags: int) -> tuple[Inode, bytes | None]:
         return await sessions.open(self.ctx, who, ino, flags)
 
+    async def open_path(self, who: Caller, path, flags: int, base: int = ROOT_INO,
+                        follow: bool = True) -> tuple[Inode, bytes | None]:
+        """open() of what `path` names now: resolved and opened in one transaction."""
+        return await sessions.open(self.ctx, who, 0, flags, path=path, base=base, follow=follow)
+
     async def close(self, who: Caller, ino: int, session: bytes | None = None,
                     length: int | None = None, wrote: bool = False) -> Inode:
         return await sessions.close(self.ctx, who, ino, session, length, wrote)

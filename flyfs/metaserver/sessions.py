@@ -16,14 +16,14 @@ import os
 import stat
 from dataclasses import dataclass
 
-from . import attrs
+from . import attrs, namespace
 from . import schema as s
 from .common import Ctx, decode, decode_dir, has_sessions, load_full, put, touch_dir
 from .errors import check_ino, check_name, check_size, fail
 from .layout import current_table, file_layout
 from .namespace import check_create_mode, new_node
 from .perm import R_OK, W_OK, Caller, check_access, check_dir_write, check_search, kill_suid
-from .schema import SESSION_ID_LEN, Inode, Session
+from .schema import ROOT_INO, SESSION_ID_LEN, Inode, Session
 
 log = logging.getLogger("flyfs.meta")
 
@@ -85,20 +85,29 @@ def _new_session(ctx: Ctx, txn, who: Caller, ino: int, now: int) -> bytes:
     return session
 
 
-async def open(ctx: Ctx, who: Caller, ino: int, flags: int) -> tuple[Inode, bytes | None]:
-    """Open inode `ino`: (attributes, write session or None). O_TRUNC truncates to 0."""
-    check_ino(ino)
+async def open(ctx: Ctx, who: Caller, ino: int, flags: int, path=None, base: int = ROOT_INO,
+               follow: bool = True) -> tuple[Inode, bytes | None]:
+    """Open inode `ino`, or with `path` what the path names from directory `base` (resolved
+    in the same transaction, so what is opened is what the name means now): (attributes,
+    write session or None). O_TRUNC truncates to 0. A last symlink not followed: ELOOP."""
+    if path is None:
+        check_ino(ino)
     f = parse_flags(flags)
     if f.excl and flags & os.O_CREAT:
-        raise fail(errno.EINVAL, "O_CREAT on open by inode: use create")
+        raise fail(errno.EINVAL, "O_CREAT|O_EXCL on open: use create")
 
     async def fn(txn):
-        node = await load_full(txn, ino)
+        if path is None:
+            node = await load_full(txn, ino)
+        else:
+            node = await namespace.walk(txn, who, path, follow, base)
+            if node.is_symlink:
+                raise fail(errno.ELOOP, f"{path!r} is a symbolic link (not followed)")
         return node, open_node(ctx, txn, who, node, f, ctx.now())
 
     node, session = await ctx.transact(fn)
     if f.trunc and node.is_reg:
-        node = await attrs.truncate(ctx, who, ino, 0, session=session)
+        node = await attrs.truncate(ctx, who, node.ino, 0, session=session)
     return node, session
 
 

@@ -38,8 +38,9 @@ class FlyCluster:
     """mgmtd + storage nodes + one metadata server (64 KiB chunks, stripe 3)."""
 
     def __init__(self, root, *, nodes: int = 3, targets_per_node: int = 2, replication: int = 2,
-                 processes: bool = False, chunk_size: int = CHUNK, stripe: int = STRIPE):
+                 processes: bool = False, chunk_size: int = CHUNK, stripe: int = STRIPE, kv: str | None = None):
         self.root = str(root)
+        self.kv = kv or f"memory://meta-{uuid.uuid4().hex}"
         self.processes = processes
         self.chunk_size = chunk_size
         self.stripe = stripe
@@ -49,6 +50,7 @@ class FlyCluster:
         self.meta_port = free_port()
         self._meta = None  # (server, service, engine, cluster link) in-process
         self._more_metas: list = []   # further in-process metadata servers on the same KV
+        self._engines: list = []      # the KV engines those opened themselves
         self._stopped: set[str] = set()
         self.meta_proc: Daemon | None = None
 
@@ -72,7 +74,7 @@ class FlyCluster:
         await self.storage.start()
         if self.processes:
             self.meta_proc = Daemon("meta", [
-                "meta", "--kv", f"memory://meta-{uuid.uuid4().hex}", "--listen", self.meta_address,
+                "meta", "--kv", self.kv, "--listen", self.meta_address,
                 "--mgmtd", self.mgmtd_address, "--chunk-size", str(self.chunk_size), "--stripe",
                 str(self.stripe), "--root-mode", "1777", "--log-level", "WARNING"],
                 os.path.join(self.root, "logs", "meta.log")).start()
@@ -81,7 +83,7 @@ class FlyCluster:
             return
         # The metadata server as `flyfs meta --mgmtd` runs it, in this process.
         link = ClusterLink(self.mgmtd_address)
-        engine = open_engine(f"memory://meta-{uuid.uuid4().hex}")
+        engine = open_engine(self.kv)
         svc = MetaService(engine, storage=link.storage_ops, chain_table=link.chain_table, space=link.space,
                           config=MetaConfig(default_chunk_size=self.chunk_size, default_stripe=self.stripe))
         await svc.format(root_mode=0o1777)
@@ -90,10 +92,14 @@ class FlyCluster:
         self._meta = (server, net_server, svc, engine, link)
         await link.register(self.meta_address, net_server.address)
 
-    async def add_meta_server(self) -> str:
+    async def add_meta_server(self, own_engine: bool = False) -> str:
         """Another metadata server on the same KV, registered with mgmtd like the first;
-        returns its flyfs/net address."""
+        returns its flyfs/net address. `own_engine`: it opens the KV itself, as another
+        process would (its own connections and, on etcd, its own read cache)."""
         _, _, svc, engine, _ = self._meta
+        if own_engine:
+            engine = open_engine(self.kv)
+            self._engines.append(engine)
         link = ClusterLink(self.mgmtd_address)
         svc2 = MetaService(engine, storage=link.storage_ops, chain_table=link.chain_table, space=link.space,
                            config=svc.config)
@@ -139,6 +145,8 @@ class FlyCluster:
             entry, self._meta = self._meta, None
             await self._stop_meta(entry)
             await entry[3].close()      # the engine
+        for engine in self._engines:
+            await engine.close()
         await self.storage.close(check=False)
 
     def connect(self, **config) -> FileSystem:
@@ -229,6 +237,56 @@ def test_metadata_calls_fail_over_to_another_server(tmp_path):
             assert e.value.errno == errno.EIO
         finally:
             f.close()
+    finally:
+        c.stop()
+
+
+@pytest.mark.parametrize("kv", ["memory", "etcd"])
+def test_two_clients_on_two_metadata_servers_see_each_others_closed_files(tmp_path, request, kv):
+    """Randomized close-to-open across servers: two clients, each on its own metadata
+    server (on etcd each with its own read cache), write, remove and rename files in one
+    directory; after every step the other client reads and stats a random name and must
+    find exactly what a local model says, and every 50 steps lists the directory."""
+    import random
+    url = None
+    if kv == "etcd":
+        url = request.getfixturevalue("etcd_server").url(f"xsrv-{uuid.uuid4().hex[:8]}")
+    c = FlyCluster(tmp_path, nodes=3, targets_per_node=1, replication=2, kv=url).start()
+    try:
+        first = c._meta[1].address
+        second = c.run(c.add_meta_server(own_engine=True))
+        a = FileSystem(c.mgmtd_address, meta=first)
+        b = FileSystem(c.mgmtd_address, meta=second)
+        try:
+            rng = random.Random(613)
+            a.makedirs("/x")
+            names = [f"/x/f{i}" for i in range(12)]
+            model: dict[str, bytes] = {}
+            for step in range(400):
+                w, r = (a, b) if rng.random() < 0.5 else (b, a)
+                p, op = rng.choice(names), rng.random()
+                if op < 0.45:
+                    model[p] = os.urandom(rng.randint(0, 2000))
+                    w.write_bytes(p, model[p])
+                elif op < 0.6 and p in model:
+                    w.remove(p)
+                    del model[p]
+                elif op < 0.8 and p in model:
+                    q = rng.choice(names)
+                    if q != p:
+                        w.rename(p, q)
+                        model[q] = model.pop(p)
+                q = rng.choice(names)
+                if q in model:
+                    assert r.read_bytes(q) == model[q] and r.stat(q).st_size == len(model[q]), (step, q)
+                else:
+                    with pytest.raises(FileNotFoundError):
+                        r.read_bytes(q)
+                if step % 50 == 0:
+                    assert sorted(r.listdir("/x")) == sorted(n[3:] for n in model), step
+        finally:
+            a.close()
+            b.close()
     finally:
         c.stop()
 

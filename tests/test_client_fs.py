@@ -436,6 +436,46 @@ def test_open_after_another_client_replaced_the_name_reads_the_new_file(fly, fs,
         other.close()
 
 
+def test_a_directory_another_client_recreated_is_no_false_enoent(fly, fs, d):
+    """This client has the directory's inode cached (dir_cache_ttl); another client removes
+    the directory and makes a new one under the same name (rank 0 resetting a checkpoint
+    directory): creating, opening, removing and renaming in it still work, in the new
+    directory, instead of failing with ENOENT for a path that exists."""
+    other = fly.connect()
+    try:
+        ck = f"{d}/ckpt"
+        fs.mkdir(ck)
+        fs.write_bytes(f"{ck}/old", b"x")             # ckpt's inode now cached here
+        for step in ("create", "mkdir", "open", "unlink", "rename", "symlink"):
+            other.remove(f"{ck}/old")
+            for name in other.listdir(ck):
+                p = f"{ck}/{name}"
+                (other.rmdir if other.stat(p, follow_symlinks=False).st_mode & 0o40000 else other.remove)(p)
+            other.rmdir(ck)
+            other.mkdir(ck)
+            other.write_bytes(f"{ck}/old", b"x")
+            other.write_bytes(f"{ck}/there", b"there")
+            if step == "create":
+                fs.write_bytes(f"{ck}/new", b"n")
+                assert other.read_bytes(f"{ck}/new") == b"n"
+            elif step == "mkdir":
+                fs.mkdir(f"{ck}/sub")
+                assert other.stat(f"{ck}/sub").st_mode & 0o40000
+            elif step == "open":
+                assert fs.read_bytes(f"{ck}/there") == b"there"
+            elif step == "unlink":
+                fs.remove(f"{ck}/there")
+                assert "there" not in other.listdir(ck)
+            elif step == "rename":
+                fs.rename(f"{ck}/there", f"{ck}/moved")
+                assert other.read_bytes(f"{ck}/moved") == b"there"
+            else:
+                fs.symlink("there", f"{ck}/link")
+                assert other.read_bytes(f"{ck}/link") == b"there"
+    finally:
+        other.close()
+
+
 @pytest.mark.parametrize("mode", ["wb", "w+b", "w"])
 def test_flush_of_a_file_object_reaches_the_chains(fly, fs, d, mode):
     """flush() of a buffered or text file object does what RawFile.flush does (the

@@ -610,11 +610,14 @@ class AsyncFileSystem:
         self._resolved(p, n)
         return n
 
-    async def _parent(self, path) -> tuple[int, bytes]:
-        """(directory inode, last name) of a path to create or remove."""
+    async def _parent(self, path, fresh: bool = False) -> tuple[int, bytes]:
+        """(directory inode, last name) of a path to create or remove; `fresh`: not from
+        the directory cache."""
         p = fspath(path).rstrip(b"/") or b"/"
         key, last, ino = self._cached_dir(p)
-        if ino is not None:
+        if fresh:
+            self._forget_dir(p)
+        elif ino is not None:
             return ino, last
         try:
             d, name = await self._s.meta.resolve_parent(p, user=self.who)
@@ -623,6 +626,31 @@ class AsyncFileSystem:
         if last not in (b"", b".", b".."):   # else `key` is not the directory the server named
             self._cache_put(key, d.ino)
         return d.ino, name
+
+    def _forget_dir(self, p: bytes) -> None:
+        key = self._cached_dir(p.rstrip(b"/") or b"/")[0]
+        self._s.dircache.pop((self.who.uid, self.who.gids, key), None)
+
+    def _from_cache(self, path) -> bool:
+        """Whether `path`'s directory would come from the directory cache (not the root)."""
+        key, _, ino = self._cached_dir(fspath(path).rstrip(b"/") or b"/")
+        return ino is not None and key != b"/"
+
+    async def _in_parents(self, paths, call):
+        """`await call(parent, name, ...)` with the (directory inode, last name) of each of
+        `paths`. A directory inode from the cache may be stale (another client removed or
+        replaced the directory within dir_cache_ttl): when the call then fails with ENOENT
+        or ENOTDIR, the directories are resolved afresh and the call is made once more
+        (a failed call changed nothing), so such a change costs a retry, not a false error."""
+        cached = any(self._from_cache(p) for p in paths)
+        args = [x for p in paths for x in await self._parent(p)]
+        try:
+            return await call(*args)
+        except (FileNotFoundError, NotADirectoryError):
+            if not cached:
+                raise
+        args = [x for p in paths for x in await self._parent(p, fresh=True)]
+        return await call(*args)
 
     def _saw(self, n: Inode) -> None:
         """Remember a regular file's version as this client last saw it, its own changes included."""
@@ -817,9 +845,10 @@ class AsyncFileSystem:
 
     # ---- names ---------------------------------------------------------------------------------------------
     async def mkdir(self, path, mode: int = 0o777, *, umask: int | None = None) -> Inode:
-        parent, name = await self._parent(path)
+        meta, um = self._s.meta, self._umask(umask)
         try:
-            n = await self._s.meta.mkdir(parent, name, mode, self._umask(umask), user=self.who)
+            n = await self._in_parents([path], lambda parent, name: meta.mkdir(parent, name, mode, um,
+                                                                               user=self.who))
         except OSError as e:
             raise _with_path(e, path) from None
         self._resolved(fspath(path), n)  # what is made next goes in it (tar x, cp -a)
@@ -847,9 +876,10 @@ class AsyncFileSystem:
 
     async def mknod(self, path, mode: int = 0o600 | stat_mod.S_IFREG, device: int = 0, *,
                     umask: int | None = None) -> Inode:
-        parent, name = await self._parent(path)
+        meta, um = self._s.meta, self._umask(umask)
         try:
-            return await self._s.meta.mknod(parent, name, mode, device, self._umask(umask), user=self.who)
+            return await self._in_parents([path], lambda parent, name: meta.mknod(parent, name, mode, device, um,
+                                                                                  user=self.who))
         except OSError as e:
             raise _with_path(e, path) from None
 
@@ -858,10 +888,11 @@ class AsyncFileSystem:
 
     async def symlink(self, target, path) -> Inode:
         """Create a symlink at `path` pointing to `target` (os.symlink order)."""
-        parent, name = await self._parent(path)
         t = os.fsencode(target) if isinstance(target, str) else bytes(target)
+        meta = self._s.meta
         try:
-            return await self._s.meta.symlink(parent, name, t, user=self.who)
+            return await self._in_parents([path], lambda parent, name: meta.symlink(parent, name, t,
+                                                                                    user=self.who))
         except OSError as e:
             raise _with_path(e, target, path) from None
 
@@ -880,25 +911,26 @@ class AsyncFileSystem:
     async def link(self, src, dst, *, follow_symlinks: bool = False) -> Inode:
         """Hard link `dst` to the file at `src` (os.link order)."""
         n = await self._node(src, follow_symlinks)
-        parent, name = await self._parent(dst)
+        meta = self._s.meta
         try:
-            return await self._s.meta.link(n.ino, parent, name, user=self.who)
+            return await self._in_parents([dst], lambda parent, name: meta.link(n.ino, parent, name,
+                                                                                user=self.who))
         except OSError as e:
             raise _with_path(e, src, dst) from None
 
     async def unlink(self, path) -> None:
-        parent, name = await self._parent(path)
+        meta = self._s.meta
         try:
-            await self._s.meta.unlink(parent, name, user=self.who)
+            await self._in_parents([path], lambda parent, name: meta.unlink(parent, name, user=self.who))
         except OSError as e:
             raise _with_path(e, path) from None
 
     remove = unlink
 
     async def rmdir(self, path) -> None:
-        parent, name = await self._parent(path)
+        meta = self._s.meta
         try:
-            await self._s.meta.rmdir(parent, name, user=self.who)
+            await self._in_parents([path], lambda parent, name: meta.rmdir(parent, name, user=self.who))
         except OSError as e:
             raise _with_path(e, path) from None
         finally:
@@ -906,10 +938,10 @@ class AsyncFileSystem:
 
     async def rename(self, src, dst, flags: int = 0) -> None:
         """rename(2) (replaces a file or empty directory at dst); flags RENAME_NOREPLACE / RENAME_EXCHANGE."""
-        sp, sn = await self._parent(src)
-        dp, dn = await self._parent(dst)
+        meta = self._s.meta
         try:
-            await self._s.meta.rename(sp, sn, dp, dn, flags, user=self.who)
+            await self._in_parents([src, dst], lambda sp, sn, dp, dn: meta.rename(sp, sn, dp, dn, flags,
+                                                                                  user=self.who))
         except OSError as e:
             raise _with_path(e, src, dst) from None
         finally:
@@ -1003,9 +1035,10 @@ class AsyncFileSystem:
         flags &= ~getattr(os, "O_CLOEXEC", 0)
         try:
             if flags & os.O_CREAT:
-                parent, name = await self._parent(path)
+                um = self._umask(umask)
                 try:
-                    node, session = await meta.create(parent, name, mode, flags, self._umask(umask), user=self.who)
+                    node, session = await self._in_parents([path], lambda parent, name: meta.create(
+                        parent, name, mode, flags, um, user=self.who))
                 except OSError as e:
                     if e.errno == errno.ELOOP and not flags & (os.O_EXCL | os.O_NOFOLLOW):
                         # An existing symlink: open what it points to (creating through it is not supported).
@@ -1019,8 +1052,15 @@ class AsyncFileSystem:
                 # replaced it since we last looked).
                 p = fspath(path)
                 rel, base = self._relative(p)
-                node, session = await meta.open_path(rel, flags, base, not flags & os.O_NOFOLLOW,
-                                                     user=self.who)
+                follow = not flags & os.O_NOFOLLOW
+                try:
+                    node, session = await meta.open_path(rel, flags, base, follow, user=self.who)
+                except (FileNotFoundError, NotADirectoryError):
+                    if base == ROOT_INO:
+                        raise
+                    # the cached directory may be stale (see _in_parents): the whole path, afresh
+                    self._forget_dir(p)
+                    node, session = await meta.open_path(p, flags, ROOT_INO, follow, user=self.who)
         except OSError as e:
             if e.filename is not None:
                 raise

@@ -439,14 +439,14 @@ def test_open_after_another_client_replaced_the_name_reads_the_new_file(fly, fs,
 def test_a_directory_another_client_recreated_is_no_false_enoent(fly, fs, d):
     """This client has the directory's inode cached (dir_cache_ttl); another client removes
     the directory and makes a new one under the same name (rank 0 resetting a checkpoint
-    directory): creating, opening, removing and renaming in it still work, in the new
-    directory, instead of failing with ENOENT for a path that exists."""
+    directory): creating, opening, removing, renaming, stat and listing in it still work,
+    in the new directory, instead of failing with ENOENT for a path that exists."""
     other = fly.connect()
     try:
         ck = f"{d}/ckpt"
         fs.mkdir(ck)
         fs.write_bytes(f"{ck}/old", b"x")             # ckpt's inode now cached here
-        for step in ("create", "mkdir", "open", "unlink", "rename", "symlink"):
+        for step in ("create", "mkdir", "open", "unlink", "rename", "symlink", "stat", "listdir"):
             other.remove(f"{ck}/old")
             for name in other.listdir(ck):
                 p = f"{ck}/{name}"
@@ -469,9 +469,13 @@ def test_a_directory_another_client_recreated_is_no_false_enoent(fly, fs, d):
             elif step == "rename":
                 fs.rename(f"{ck}/there", f"{ck}/moved")
                 assert other.read_bytes(f"{ck}/moved") == b"there"
-            else:
+            elif step == "symlink":
                 fs.symlink("there", f"{ck}/link")
                 assert other.read_bytes(f"{ck}/link") == b"there"
+            elif step == "stat":
+                assert fs.stat(f"{ck}/there").st_size == 5 and fs.exists(f"{ck}/old")
+            else:
+                assert sorted(fs.listdir(f"{ck}/")) == ["old", "there"]
     finally:
         other.close()
 

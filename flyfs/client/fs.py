@@ -604,7 +604,14 @@ class AsyncFileSystem:
         p = fspath(path)
         rel, base = self._relative(p)
         try:
-            n = await self._s.meta.resolve(rel, follow, base, user=self.who)
+            try:
+                n = await self._s.meta.resolve(rel, follow, base, user=self.who)
+            except OSError as e:
+                if e.errno != errno.ESTALE or base == ROOT_INO:
+                    raise
+                # the cached directory is gone (another client removed it): the whole path, afresh
+                self._forget_dir(p)
+                n = await self._s.meta.resolve(p, follow, ROOT_INO, user=self.who)
         except OSError as e:
             raise _with_path(e, path) from None
         self._resolved(p, n)
@@ -691,7 +698,13 @@ class AsyncFileSystem:
         p = fspath(path)
         rel, base = self._relative(p)
         try:
-            n = meta.resolve_now(rel, follow_symlinks, base, user=self.who)
+            try:
+                n = meta.resolve_now(rel, follow_symlinks, base, user=self.who)
+            except OSError as e:
+                if e.errno != errno.ESTALE or base == ROOT_INO:
+                    raise
+                self._forget_dir(p)     # as in _node
+                n = meta.resolve_now(p, follow_symlinks, ROOT_INO, user=self.who)
         except OSError as e:
             raise _with_path(e, path) from None
         if n is None:
@@ -1055,11 +1068,10 @@ class AsyncFileSystem:
                 follow = not flags & os.O_NOFOLLOW
                 try:
                     node, session = await meta.open_path(rel, flags, base, follow, user=self.who)
-                except (FileNotFoundError, NotADirectoryError):
-                    if base == ROOT_INO:
+                except OSError as e:
+                    if e.errno != errno.ESTALE or base == ROOT_INO:
                         raise
-                    # the cached directory may be stale (see _in_parents): the whole path, afresh
-                    self._forget_dir(p)
+                    self._forget_dir(p)     # as in _node
                     node, session = await meta.open_path(p, flags, ROOT_INO, follow, user=self.who)
         except OSError as e:
             if e.filename is not None:

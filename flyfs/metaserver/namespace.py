@@ -482,7 +482,15 @@ def _check_path(path) -> bytes:
 
 
 async def _walk(txn, who: Caller, path: bytes, follow: bool, base: int) -> Inode:
-    cur = await load_full(txn, ROOT_INO if path.startswith(b"/") else base)
+    start = ROOT_INO if path.startswith(b"/") else base
+    try:
+        cur = await load_full(txn, start)
+    except OSError as e:
+        if e.errno == errno.ENOENT and start != ROOT_INO:
+            # A base directory that no longer exists is a stale handle (a client's cached
+            # directory another client removed), not a missing name: the client resolves afresh.
+            raise fail(errno.ESTALE, f"base directory {start} no longer exists") from None
+        raise
     todo = list(reversed(_split(path)))  # a stack: symlink targets are pushed in front
     must_be_dir = path.endswith(b"/")
     links = 0

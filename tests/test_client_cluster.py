@@ -291,6 +291,54 @@ def test_two_clients_on_two_metadata_servers_see_each_others_closed_files(tmp_pa
         c.stop()
 
 
+def test_a_hung_metadata_server_process_is_left_within_seconds(tmp_path, etcd_server):
+    """Two metadata servers on one etcd, one of them a `flyfs meta` process the client
+    uses; the process is stopped (SIGSTOP: it keeps its sockets and answers nothing).
+    The client's calls move to the other server once mgmtd stops hearing from the
+    stopped one (heartbeat timeout 1.5 s here), well before the 30 s RPC timeout, and
+    nothing it wrote is lost."""
+    import signal
+    c = FlyCluster(tmp_path, nodes=3, targets_per_node=1, replication=2,
+                   kv=etcd_server.url(f"hung-{uuid.uuid4().hex[:8]}")).start()
+    port = free_port()
+    proc = Daemon("meta2", ["meta", "--kv", c.kv, "--mgmtd", c.mgmtd_address, "--listen", f"127.0.0.1:{port}",
+                            "--chunk-size", str(CHUNK), "--stripe", str(STRIPE), "--log-level", "WARNING"],
+                  os.path.join(str(tmp_path), "logs", "meta2.log")).start()
+    f = None
+    try:
+        wait_port("127.0.0.1", port, 60, proc)
+        in_process = c._meta[1].address
+        deadline = time.monotonic() + 30
+        while True:     # a client that picked the process (clients pick a server at random)
+            f = c.connect()
+            if f.meta_target != in_process:
+                break
+            f.close()
+            assert time.monotonic() < deadline, "no client ever picked the second metadata server"
+            time.sleep(0.2)
+        f.makedirs("/h")
+        for i in range(5):
+            f.write_bytes(f"/h/before{i}", b"b%d" % i)
+        os.kill(proc.proc.pid, signal.SIGSTOP)
+        try:
+            worst = 0.0
+            for i in range(5):
+                t = time.monotonic()
+                f.write_bytes(f"/h/after{i}", b"a%d" % i)
+                assert f.read_bytes(f"/h/before{i}") == b"b%d" % i
+                worst = max(worst, time.monotonic() - t)
+            assert f.meta_target == in_process
+            assert worst < 15, f"an operation waited {worst:.1f} s for the stopped server"
+            assert sorted(f.listdir("/h")) == sorted([f"before{i}" for i in range(5)] + [f"after{i}" for i in range(5)])
+        finally:
+            os.kill(proc.proc.pid, signal.SIGCONT)
+    finally:
+        if f is not None:
+            f.close()
+        proc.stop()
+        c.stop()
+
+
 # ---- reads from the caller's thread -------------------------------------------------------------------------
 
 def test_small_reads_go_from_the_callers_thread(fly, fs):

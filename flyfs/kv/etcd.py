@@ -156,7 +156,7 @@ class EtcdEngine(Engine):
                 raise TransactionConflict((), "etcd: read revision was compacted; retrying") from None
             if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise EngineUnavailable(f"etcd at {self.target} did not answer within {self.timeout:g} s "
-                                        f"(not running there, or unreachable)") from None
+                                        f"(not running there, unreachable, or overloaded)") from None
             if e.code() == grpc.StatusCode.UNAVAILABLE:
                 raise EngineUnavailable(f"etcd at {self.target} unavailable: {details}") from None
             if "too many operations" in details or "too large" in details:

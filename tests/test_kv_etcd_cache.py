@@ -1,6 +1,7 @@
 """The etcd engine's read cache (flyfs/kv/etcd.py): fewer round trips, never a stale answer."""
 import asyncio
 import collections
+import contextlib
 
 import pytest
 
@@ -11,6 +12,18 @@ from flyfs.kv.etcd import EtcdEngine
 @pytest.fixture
 def url(etcd_server, request):
     return etcd_server.url(f"cache-{request.node.name}")
+
+
+@contextlib.asynccontextmanager
+async def _two(url):
+    """Two engines on one prefix (two metadata servers), their caches serving."""
+    a, b = open_engine(url), open_engine(url)
+    try:
+        await _live(a, b)
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()
 
 
 async def _live(*engines):
@@ -58,9 +71,7 @@ async def test_cached_reads_cost_one_proof_and_a_commit_no_reads(url):
 async def test_another_engines_write_is_seen_at_once(url):
     """Two engines on one prefix (two metadata servers): whatever A committed, B's next
     transaction sees, whether or not B's watch has brought it yet."""
-    a, b = open_engine(url), open_engine(url)
-    try:
-        await _live(a, b)
+    async with _two(url) as (a, b):
         for i in range(100):
             w, r = (a, b) if i % 2 else (b, a)
             await w.transact(lambda t, i=i: t.set(b"x", b"%d" % i))
@@ -68,17 +79,12 @@ async def test_another_engines_write_is_seen_at_once(url):
             await w.transact(lambda t, i=i: t.clear(b"x") if i % 3 == 0 else None)
             expect = None if i % 3 == 0 else b"%d" % i
             assert await r.transact(lambda t: t.get(b"x")) == expect
-    finally:
-        await a.close()
-        await b.close()
 
 
 async def test_a_lagging_cache_never_answers_and_never_loses_an_update(url):
     """B's watch stops delivering (a lagging cache): its reads and read-modify-writes
     still see A's commits: the proofs fail and the transactions run again from etcd."""
-    a, b = open_engine(url), open_engine(url)
-    try:
-        await _live(a, b)
+    async with _two(url) as (a, b):
         await a.transact(lambda t: t.set(b"n", b"0"))
         assert await b.transact(lambda t: t.get(b"n")) == b"0"     # b has it cached
         b._apply = lambda events: None                              # b's cache freezes here
@@ -98,15 +104,10 @@ async def test_a_lagging_cache_never_answers_and_never_loses_an_update(url):
         assert await b.transact(need) == b"here"
         assert await b.transact(lambda t: t.get(b"n")) == b"20"
         assert b.cache_stats["stale"] >= 2
-    finally:
-        await a.close()
-        await b.close()
 
 
 async def test_concurrent_increments_from_two_caching_engines_all_count(url):
-    a, b = open_engine(url), open_engine(url)
-    try:
-        await _live(a, b)
+    async with _two(url) as (a, b):
 
         async def incr(t):
             v = await t.get(b"c")
@@ -115,9 +116,6 @@ async def test_concurrent_increments_from_two_caching_engines_all_count(url):
         await asyncio.gather(*[(a if i % 2 else b).transact(incr) for i in range(200)])
         assert await a.transact(lambda t: t.get(b"c")) == b"200"
         assert await b.transact(lambda t: t.get(b"c")) == b"200"
-    finally:
-        await a.close()
-        await b.close()
 
 
 async def test_the_cache_comes_back_after_its_watch_dies(url):
@@ -283,9 +281,7 @@ async def test_ranges_from_the_complete_cache(url):
 
 
 async def test_a_listing_from_a_lagging_cache_never_shows_a_removed_or_misses_a_new_key(url):
-    a, b = open_engine(url), open_engine(url)
-    try:
-        await _live(a, b)
+    async with _two(url) as (a, b):
         await a.transact(lambda t: [t.set(b"d/%d" % i, b"v") for i in range(5)])
         await _live(b)
         for _ in range(100):
@@ -308,6 +304,3 @@ async def test_a_listing_from_a_lagging_cache_never_shows_a_removed_or_misses_a_
         await b.transact(count_into)
         assert await a.transact(lambda t: t.get(b"count")) == b"5"
         assert b.cache_stats["stale"] >= 3
-    finally:
-        await a.close()
-        await b.close()

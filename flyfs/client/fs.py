@@ -602,16 +602,9 @@ class AsyncFileSystem:
 
     async def _node(self, path, follow: bool = True) -> Inode:
         p = fspath(path)
-        rel, base = self._relative(p)
+        meta = self._s.meta
         try:
-            try:
-                n = await self._s.meta.resolve(rel, follow, base, user=self.who)
-            except OSError as e:
-                if e.errno != errno.ESTALE or base == ROOT_INO:
-                    raise
-                # the cached directory is gone (another client removed it): the whole path, afresh
-                self._forget_dir(p)
-                n = await self._s.meta.resolve(p, follow, ROOT_INO, user=self.who)
+            n = await self._from_dir(p, lambda rel, base: meta.resolve(rel, follow, base, user=self.who))
         except OSError as e:
             raise _with_path(e, path) from None
         self._resolved(p, n)
@@ -633,6 +626,19 @@ class AsyncFileSystem:
         if last not in (b"", b".", b".."):   # else `key` is not the directory the server named
             self._cache_put(key, d.ino)
         return d.ino, name
+
+    async def _from_dir(self, p: bytes, call):
+        """`await call(rel, base)`: `p` as a name in its cached directory where there is one
+        (see _relative); when the server answers that the directory is gone (ESTALE:
+        another client removed it), the whole path from the root, afresh."""
+        rel, base = self._relative(p)
+        try:
+            return await call(rel, base)
+        except OSError as e:
+            if e.errno != errno.ESTALE or base == ROOT_INO:
+                raise
+        self._forget_dir(p)
+        return await call(p, ROOT_INO)
 
     def _forget_dir(self, p: bytes) -> None:
         key = self._cached_dir(p.rstrip(b"/") or b"/")[0]
@@ -703,7 +709,7 @@ class AsyncFileSystem:
             except OSError as e:
                 if e.errno != errno.ESTALE or base == ROOT_INO:
                     raise
-                self._forget_dir(p)     # as in _node
+                self._forget_dir(p)     # as in _from_dir (this thread has no loop to await on)
                 n = meta.resolve_now(p, follow_symlinks, ROOT_INO, user=self.who)
         except OSError as e:
             raise _with_path(e, path) from None
@@ -1063,16 +1069,9 @@ class AsyncFileSystem:
                 # The name resolved and the file opened in one call, so what opens is what
                 # the name means now (close-to-open: another client may have renamed or
                 # replaced it since we last looked).
-                p = fspath(path)
-                rel, base = self._relative(p)
                 follow = not flags & os.O_NOFOLLOW
-                try:
-                    node, session = await meta.open_path(rel, flags, base, follow, user=self.who)
-                except OSError as e:
-                    if e.errno != errno.ESTALE or base == ROOT_INO:
-                        raise
-                    self._forget_dir(p)     # as in _node
-                    node, session = await meta.open_path(p, flags, ROOT_INO, follow, user=self.who)
+                node, session = await self._from_dir(fspath(path), lambda rel, base: meta.open_path(
+                    rel, flags, base, follow, user=self.who))
         except OSError as e:
             if e.filename is not None:
                 raise

@@ -610,22 +610,22 @@ class AsyncFileSystem:
         self._resolved(p, n)
         return n
 
-    async def _parent(self, path, fresh: bool = False) -> tuple[int, bytes]:
-        """(directory inode, last name) of a path to create or remove; `fresh`: not from
-        the directory cache."""
+    async def _parent(self, path, fresh: bool = False) -> tuple[int, bytes, bool]:
+        """(directory inode, last name, whether the inode came from the directory cache) of
+        a path to create or remove; `fresh`: not from the cache."""
         p = fspath(path).rstrip(b"/") or b"/"
         key, last, ino = self._cached_dir(p)
         if fresh:
             self._forget_dir(p)
         elif ino is not None:
-            return ino, last
+            return ino, last, key != b"/"
         try:
             d, name = await self._s.meta.resolve_parent(p, user=self.who)
         except OSError as e:
             raise _with_path(e, path) from None
         if last not in (b"", b".", b".."):   # else `key` is not the directory the server named
             self._cache_put(key, d.ino)
-        return d.ino, name
+        return d.ino, name, False
 
     async def _from_dir(self, p: bytes, call):
         """`await call(rel, base)`: `p` as a name in its cached directory where there is one
@@ -644,26 +644,20 @@ class AsyncFileSystem:
         key = self._cached_dir(p.rstrip(b"/") or b"/")[0]
         self._s.dircache.pop((self.who.uid, self.who.gids, key), None)
 
-    def _from_cache(self, path) -> bool:
-        """Whether `path`'s directory would come from the directory cache (not the root)."""
-        key, _, ino = self._cached_dir(fspath(path).rstrip(b"/") or b"/")
-        return ino is not None and key != b"/"
-
     async def _in_parents(self, paths, call):
         """`await call(parent, name, ...)` with the (directory inode, last name) of each of
         `paths`. A directory inode from the cache may be stale (another client removed or
         replaced the directory within dir_cache_ttl): when the call then fails with ENOENT
         or ENOTDIR, the directories are resolved afresh and the call is made once more
         (a failed call changed nothing), so such a change costs a retry, not a false error."""
-        cached = any(self._from_cache(p) for p in paths)
-        args = [x for p in paths for x in await self._parent(p)]
+        found = [await self._parent(p) for p in paths]
         try:
-            return await call(*args)
+            return await call(*[x for ino, name, _ in found for x in (ino, name)])
         except (FileNotFoundError, NotADirectoryError):
-            if not cached:
+            if not any(cached for _, _, cached in found):
                 raise
-        args = [x for p in paths for x in await self._parent(p, fresh=True)]
-        return await call(*args)
+        found = [await self._parent(p, fresh=True) for p in paths]
+        return await call(*[x for ino, name, _ in found for x in (ino, name)])
 
     def _saw(self, n: Inode) -> None:
         """Remember a regular file's version as this client last saw it, its own changes included."""

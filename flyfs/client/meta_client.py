@@ -410,13 +410,11 @@ class MetaClient:
                     except Exception as e:  # mgmtd unreachable: nothing known, keep waiting
                         log.debug("metadata liveness of %s unknown: %s", target, e)
                         continue
-                    abort = link.aborts.pop(target, None)
-                    if gone and abort is not None and not abort.done():
+                    abort = link.aborts.get(target)
+                    if gone and abort is not None and not abort.done():   # (the next call makes a new one)
                         log.warning("metadata server %s sent nothing for %g s and mgmtd no longer hears "
                                     "from it: its calls go elsewhere", target, HANG_AFTER)
                         abort.set_result(f"sent nothing for {HANG_AFTER:g} s and no longer alive in mgmtd")
-                    elif abort is not None:
-                        link.aborts[target] = abort
         finally:
             link.watcher = None
 

@@ -220,13 +220,32 @@ def test_runtime_runs_coroutines_from_many_threads():
             rt.run(fail())
         assert ei.value.filename == "/p"
 
+        async def at_once(i):
+            return i * 2, asyncio.current_task()
+
+        assert rt.run(at_once(21)) == (42, None)    # finished in its first step: no task
+
+        async def fail_at_once():
+            raise PermissionError(errno.EACCES, "y", "/q")
+
+        with pytest.raises(PermissionError) as ei:
+            rt.run(fail_at_once())
+        assert ei.value.filename == "/q"
+
+        cancelled = threading.Event()
+
         async def slow():
-            await asyncio.sleep(5)
+            try:
+                await asyncio.sleep(5)
+            except asyncio.CancelledError:
+                cancelled.set()
+                raise
 
         t0 = time.monotonic()
         with pytest.raises(TimeoutError):
             rt.run(slow(), timeout=0.1)
         assert time.monotonic() - t0 < 3
+        assert cancelled.wait(3), "the operation the caller gave up on was left running"
 
         async def reenter():
             return rt.run(work(1))

@@ -3,6 +3,7 @@
 The same-host Unix sockets are off here (every test speaks TCP) except in the
 tests named `local_socket`, which turn them on."""
 import asyncio
+import contextvars
 import hashlib
 import logging
 import socket
@@ -516,6 +517,83 @@ def test_server_close_fails_calls_with_transport_error(run):
             assert svc.cancelled == 1
             with pytest.raises(net.TransportError):
                 await pool.call(server.address, ECHO, b"after")
+    run(body)
+
+
+def test_eager_start_finishes_at_once_or_hands_over_to_a_task(run):
+    from flyfs.net import eager
+
+    async def body():
+        loop = asyncio.get_running_loop()
+        steps = []
+
+        async def work(wait, fail=False):
+            steps.append(("first", asyncio.current_task()))
+            if wait:
+                await asyncio.sleep(0.01)
+                steps.append(("after", asyncio.current_task()))
+            if fail:
+                raise KeyError("x")
+            return wait
+
+        me = asyncio.current_task()     # the first steps run right here, in the caller
+        assert eager.start(loop, work(False)) == (True, False)
+        assert steps == [("first", me)]
+        done, task = eager.start(loop, work(True))
+        assert not done and steps[-1] == ("first", me) and task is not me and await task is True
+        assert steps[-1] == ("after", task)
+        with pytest.raises(KeyError):
+            eager.start(loop, work(False, fail=True))
+        done, task = eager.start(loop, work(True, fail=True))
+        with pytest.raises(KeyError):
+            await task
+        coro = work(True)     # a continuation can also be awaited as a coroutine
+        assert await eager._Resumed(coro, coro.send(None)) is True
+    run(body)
+
+
+def test_eager_handlers_answer_without_a_task_and_go_on_in_one_when_they_wait(run):
+    """serve(eager=True): a handler that never waits answers from the read callback
+    (no task); one that waits goes on in a task (out of order, cancellable, its
+    errors answered); each runs in a context of its own."""
+    var = contextvars.ContextVar("v", default=None)
+
+    async def body():
+        svc = Service()
+        tasks_seen, leaks = [], []
+
+        async def handler(req):
+            if var.get() is not None:
+                leaks.append(var.get())
+            var.set(req.header)
+            if req.method == FAIL and req.header == b"later":
+                await asyncio.sleep(0)
+            reply = await svc(req)
+            tasks_seen.append(asyncio.current_task())     # (at the end: after any wait)
+            return reply
+
+        server = await net.serve(handler, eager=True)
+        async with net.ConnectionPool() as pool:
+            assert (await pool.call(server.address, ECHO, b"a", [b"xy"])).header == b"echo:a"
+            assert tasks_seen == [None], "a handler that never waits ran in a task"
+            slow = asyncio.ensure_future(pool.call(server.address, SLOW, b"s:3"))
+            await svc.wait_slow(1)
+            # answered while the first request waits in its task
+            assert (await pool.call(server.address, ECHO, b"b")).header == b"echo:b"
+            svc.gates[b"s:3"].set()
+            reply = await slow
+            assert reply.header == b"s:3" and bytes(reply.payload) == b"\xab" * 3
+            assert tasks_seen[1] is None and tasks_seen[2] is not None   # b, then s:3 in its task
+            for when in (b"now", b"later"):
+                with pytest.raises(net.RemoteError, match="ValueError: boom " + when.decode()):
+                    await pool.call(server.address, FAIL, when)
+            held = asyncio.ensure_future(pool.call(server.address, SLOW, b"held"))
+            await svc.wait_slow(2)
+            await server.close()
+            with pytest.raises(net.TransportError):
+                await held
+            assert svc.cancelled == 1
+        assert leaks == [], "a handler saw another request's context"
     run(body)
 
 

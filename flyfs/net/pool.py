@@ -96,7 +96,8 @@ class ConnectionPool:
         except asyncio.TimeoutError:
             raise RequestTimeout(f"no connection to {address} within {timeout:g}s") from None
         except asyncio.CancelledError:
-            if task.cancelled() and not asyncio.current_task().cancelling():
+            current = asyncio.current_task()    # (None in an eager first step: flyfs.net.eager)
+            if task.cancelled() and (current is None or not current.cancelling()):
                 raise TransportError("connection pool is closed") from None
             raise
 

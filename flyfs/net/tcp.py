@@ -30,7 +30,7 @@ import sys
 from typing import Awaitable, Callable
 
 from .buffers import BufferPool
-from . import shm
+from . import eager, shm
 from .frame import (FLAG_ERROR, FLAG_RESPONSE, FLAG_SHM, FLAG_SHM_REPLY, HEADER, MAGIC, MAX_HEADER, MAX_PAYLOAD,
                     VERSION, FrameHeader, FrameReader, ProtocolError, RemoteError, Reply,
                     Request, RequestAborted, RequestTimeout, Response, TransportError, payload_views,
@@ -326,7 +326,12 @@ class _ServerConnection(_Connection):
             if resp is not None:
                 self._respond(req, resp)
                 return
-        task = self._loop.create_task(self._run(req))
+        if self._server.eager:
+            done, task = eager.start(self._loop, self._run(req))
+            if done:
+                return
+        else:
+            task = self._loop.create_task(self._run(req))
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
         if self._reading and len(self._tasks) >= self._server.max_inflight:
@@ -344,7 +349,8 @@ class _ServerConnection(_Connection):
         try:
             resp = await self._server.handler(req)
         except (Exception, asyncio.CancelledError) as exc:
-            if isinstance(exc, asyncio.CancelledError) and asyncio.current_task().cancelling():
+            task = asyncio.current_task()   # (None while an eager handler runs its first steps)
+            if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
                 raise   # this task is being cancelled: connection lost or server closing
             self._fail(req, exc)
             return
@@ -392,9 +398,11 @@ class Server:
 
     def __init__(self, handler: Handler, *, max_header: int = MAX_HEADER,
                  max_payload: int = MAX_PAYLOAD, max_inflight: int = _DEFAULT_MAX_INFLIGHT,
-                 buffers: BufferPool | None = None, inline: InlineHandler | None = None):
+                 buffers: BufferPool | None = None, inline: InlineHandler | None = None,
+                 eager: bool = False):
         self.handler = handler
         self.inline = inline    # tried first, on the loop: a Response, or None to run `handler`
+        self.eager = eager      # run `handler` up to its first suspension before making a task
         self.buffers = buffers  # request payloads come from here (default: a fresh bytearray each)
         self.max_header = max_header
         self.max_payload = max_payload
@@ -454,7 +462,8 @@ class Server:
 async def serve(handler: Handler, host: str = "127.0.0.1", port: int = 0, *,
                 max_header: int = MAX_HEADER, max_payload: int = MAX_PAYLOAD,
                 max_inflight: int = _DEFAULT_MAX_INFLIGHT, backlog: int = 1024,
-                buffers: BufferPool | None = None, inline: InlineHandler | None = None) -> Server:
+                buffers: BufferPool | None = None, inline: InlineHandler | None = None,
+                eager: bool = False) -> Server:
     """Listen on host:port (0 picks a free port) and serve `handler` for every request.
 
     Requests on a connection run concurrently (at most max_inflight at once,
@@ -466,10 +475,15 @@ async def serve(handler: Handler, host: str = "127.0.0.1", port: int = 0, *,
     loop, and answers with a Response or None (then `handler` runs as a task):
     for requests cheap enough that a task of their own would cost more than
     their work (small reads from memory). It must never block.
+    With `eager`, each request's handler runs at once, synchronously on the loop,
+    up to its first suspension: one that never waits (a metadata read from a
+    local KV) answers with no task and no loop iteration of its own (~25 us of
+    CPU less per request here); one that waits goes on in a task from there.
+    It runs in a context of its own, as a task's would, but with no current task.
     """
     loop = asyncio.get_running_loop()
     server = Server(handler, max_header=max_header, max_payload=max_payload,
-                    max_inflight=max_inflight, buffers=buffers, inline=inline)
+                    max_inflight=max_inflight, buffers=buffers, inline=inline, eager=eager)
     server._server = await loop.create_server(
         lambda: _ServerConnection(server), host, port, backlog=backlog, reuse_address=True)
     sockname = server._server.sockets[0].getsockname()

@@ -193,6 +193,41 @@ def test_stat_ahead_after_a_listing_stays_right(mnt, d, fs):
         time.sleep(0.1)
 
 
+def test_the_directory_reread_after_a_create_comes_from_the_create(mnt, d, fs, fly):
+    """The kernel re-reads a directory's attributes after each create in it; the create's
+    own answer serves that (no metadata call), and the attributes are the server's."""
+    svc = fly._meta[2]
+    dir_ino = os.stat(d).st_ino
+    resolved = []
+    real = svc.resolve
+
+    async def counting(*args, **kw):
+        node = await real(*args, **kw)
+        resolved.append(node.ino)
+        return node
+
+    svc.resolve = counting
+    try:
+        for i in range(5):
+            with open(os.path.join(d, f"c{i}"), "wb") as f:
+                f.write(b"x" * i)
+            st = os.stat(d)
+            assert st.st_mtime == st.st_ctime == os.stat(os.path.join(d, f"c{i}")).st_ctime
+    finally:
+        del svc.resolve
+    assert resolved and dir_ino not in resolved, "the directory was asked for after a create"
+    api = fs.stat(api_path(mnt, d))     # (fuse-python passes whole seconds)
+    assert (st.st_mtime, st.st_nlink, st.st_mode) == (int(api.st_mtime), api.st_nlink, api.st_mode)
+    # Anything else that changes a directory through the mount is not answered from a create.
+    with open(os.path.join(d, "c9"), "wb"):
+        pass
+    os.mkdir(os.path.join(d, "sub"))
+    os.rename(os.path.join(d, "c0"), os.path.join(d, "c0r"))
+    os.unlink(os.path.join(d, "c1"))
+    st, api = os.stat(d), fs.stat(api_path(mnt, d))
+    assert (st.st_mtime, st.st_nlink) == (int(api.st_mtime), api.st_nlink) and st.st_nlink == 3
+
+
 def test_open_flags(mnt, d):
     p = os.path.join(d, "flags")
     fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

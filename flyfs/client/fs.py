@@ -381,7 +381,7 @@ class Handle:
     """An open file of the core: inode, layout, write session, flags, caller."""
 
     __slots__ = ("ino", "layout", "flags", "session", "who", "path", "state", "closed", "wrote",
-                 "renewed_at", "mode", "pid", "wbuf", "woff", "node", "node_at")
+                 "renewed_at", "mode", "pid", "wbuf", "woff", "node", "node_at", "dir_after")
 
     def __init__(self, node: Inode, flags: int, session: bytes | None, who: Caller, path, state: _InodeState):
         self.ino = node.ino
@@ -400,6 +400,7 @@ class Handle:
         self.woff = 0
         self.node = node                    # attributes as of node_at (fgetattr max_age)
         self.node_at = time.monotonic()
+        self.dir_after: Inode | None = None     # open_handle: the directory after it created the file
 
     @property
     def readable(self) -> bool:
@@ -1043,15 +1044,17 @@ class AsyncFileSystem:
     # ---- open / close ------------------------------------------------------------------------------------
     async def open_handle(self, path, flags: int = os.O_RDONLY, mode: int = 0o666, *,
                           umask: int | None = None) -> Handle:
-        """open(2): a Handle holding the write session (O_CREAT/O_EXCL/O_TRUNC/O_APPEND honoured)."""
+        """open(2): a Handle holding the write session (O_CREAT/O_EXCL/O_TRUNC/O_APPEND honoured);
+        its `dir_after` holds the directory's attributes right after a file it created went in."""
         meta = self._s.meta
         flags &= ~getattr(os, "O_CLOEXEC", 0)
+        dir_after = None
         try:
             if flags & os.O_CREAT:
                 um = self._umask(umask)
                 try:
-                    node, session = await self._in_parents([path], lambda parent, name: meta.create(
-                        parent, name, mode, flags, um, user=self.who))
+                    node, session, dir_after = await self._in_parents([path], lambda parent, name: meta.create(
+                        parent, name, mode, flags, um, with_dir=True, user=self.who))
                 except OSError as e:
                     if e.errno == errno.ELOOP and not flags & (os.O_EXCL | os.O_NOFOLLOW):
                         # An existing symlink: open what it points to (creating through it is not supported).
@@ -1070,7 +1073,9 @@ class AsyncFileSystem:
             if e.filename is not None:
                 raise
             raise _with_path(e, path) from None
-        return self._register(node, flags, session, path)
+        h = self._register(node, flags, session, path)
+        h.dir_after = dir_after
+        return h
 
     def _register(self, node: Inode, flags: int, session: bytes | None, path) -> Handle:
         st = self._s.files.get(node.ino)

@@ -460,9 +460,15 @@ class MetaClient:
         return await self._attr("Lookup", lambda h: pb.LookupReq(header=h, parent=parent, name=_b(name)), user)
 
     async def create(self, parent: int, name, mode: int = 0o666, flags: int = os.O_RDWR, umask: int = 0,
-                     *, user: Caller | None = None) -> tuple[Inode, bytes | None]:
-        return await self._opened("Create", lambda h: pb.CreateReq(
+                     *, with_dir: bool = False, user: Caller | None = None) -> tuple:
+        """(attributes, write session or None); with `with_dir` also the directory's attributes
+        right after a new file went in (None: the file existed, or the server does not say)."""
+        r = await self._call("Create", lambda h: pb.CreateReq(
             header=h, parent=parent, name=_b(name), mode=mode, flags=flags, umask=umask), user)
+        node, session = wire.inode_of(r.attr), r.session or None
+        if not with_dir:
+            return node, session
+        return node, session, wire.inode_of(r.dir) if r.HasField("dir") else None
 
     async def mkdir(self, parent: int, name, mode: int = 0o777, umask: int = 0, *,
                     user: Caller | None = None) -> Inode:

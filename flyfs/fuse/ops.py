@@ -79,6 +79,12 @@ LISTED_AGE = 5.0
 _READ_ONLY = frozenset({"getattr", "readdir", "opendir", "releasedir", "readlink", "statfs", "access",
                         "getxattr", "listxattr", "read", "fgetattr"})
 _changes = [0]  # bumped before and after every other operation (stat-ahead results older are not used)
+# The kernel re-reads a directory's attributes after every create in it (FUSE drops them):
+# a create answers that from the attributes the create itself returned, once, within
+# AHEAD_TTL, and only while no other operation that may change a directory has run.
+_DIR_CHANGING = frozenset({"mknod", "mkdir", "unlink", "rmdir", "symlink", "rename", "link", "chmod",
+                           "chown", "truncate", "utimens", "setxattr", "removexattr"})
+_dir_changes = [0]  # bumped before and after each of those (and each create)
 
 
 def _errno(e: BaseException) -> int:
@@ -112,6 +118,7 @@ def guard(fn):
     """Return -errno for a failure (fuse-python's own wrapper turns only OSError with an errno
     into one; anything else would become EINVAL)."""
     changes = fn.__name__ not in _READ_ONLY
+    dir_changes = fn.__name__ in _DIR_CHANGING
 
     @functools.wraps(fn)
     def wrapper(*args, **kw):
@@ -119,6 +126,8 @@ def guard(fn):
             keep_thread_state()
         if changes:
             _changes[0] += 1
+        if dir_changes:
+            _dir_changes[0] += 1
         try:
             return fn(*args, **kw)
         except OSError as e:
@@ -131,6 +140,8 @@ def guard(fn):
         finally:
             if changes:
                 _changes[0] += 1
+            if dir_changes:
+                _dir_changes[0] += 1
     return wrapper
 
 
@@ -249,6 +260,7 @@ class FlyFuse(fusepy.Fuse):
         self._lock = threading.Lock()
         self._ahead: dict[tuple, tuple] = {}    # ((uid, gids), path) -> (Inode, _changes then, until)
         self._listed: dict[tuple, tuple[int, float, int]] = {}  # ((uid, gids), dir) -> (ino, until, _changes)
+        self._created_in: dict[tuple, tuple] = {}   # ((uid, gids), dir) -> (Inode, _dir_changes, until)
         self.file_class = _file_class(self)
 
     # ---- who is asking ------------------------------------------------------------------------------
@@ -315,6 +327,10 @@ class FlyFuse(fusepy.Fuse):
         hit = self._ahead.pop((fs.user, path), None)
         if hit is not None and hit[1] == _changes[0] and hit[2] > time.monotonic():
             return fuse_stat(fs.core._overlay(hit[0]))
+        if self._created_in:
+            hit = self._created_in.pop((fs.user, path), None)
+            if hit is not None and hit[1] == _dir_changes[0] and hit[2] > time.monotonic():
+                return fuse_stat(hit[0])
         n = fs.core.getattr_now(path, False)        # from this thread when it can
         if n is None:
             n = fs._run_core("getattr", path, False)
@@ -518,10 +534,21 @@ def _file_class(ops: FlyFuse):
 
         def __init__(self, path, flags, *mode):
             _changes[0] += 1
+            if mode:
+                _dir_changes[0] += 1
+                seen = _dir_changes[0] + 1  # as it will be after this create, if nothing else ran
             try:
                 self._open(path, flags, *mode)
             finally:
                 _changes[0] += 1
+                if mode:
+                    _dir_changes[0] += 1
+            if mode and self.h.dir_after is not None:
+                created_in = ops._created_in
+                if len(created_in) > 4096:
+                    created_in.clear()
+                key = (self.fs.user, path.rpartition("/")[0] or "/")
+                created_in[key] = (self.h.dir_after, seen, time.monotonic() + AHEAD_TTL)
 
         def _open(self, path, flags, *mode):
             try:

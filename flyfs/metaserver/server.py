@@ -93,8 +93,15 @@ class MetaServicer(meta_pb2_grpc.MetaServicer):
             atime=wire.timeset_of(r.atime), mtime=wire.timeset_of(r.mtime), session=r.session or None))
 
     async def Create(self, r, context=None):
-        return await self._opened(self.svc.create(wire.caller_of(r.header), r.parent, r.name, r.mode,
-                                                  r.flags, r.umask))
+        try:
+            node, session, dir_after = await self.svc.create(wire.caller_of(r.header), r.parent, r.name,
+                                                             r.mode, r.flags, r.umask, with_dir=True)
+        except Exception as e:
+            return meta_pb2.AttrReply(status=_error(e))
+        reply = meta_pb2.AttrReply(attr=wire.attr_msg(node), session=session or b"")
+        if dir_after is not None:
+            reply.dir.CopyFrom(wire.attr_msg(dir_after))
+        return reply
 
     async def Mkdir(self, r, context=None):
         return await self._attr(self.svc.mkdir(wire.caller_of(r.header), r.parent, r.name, r.mode, r.umask))

@@ -95,9 +95,10 @@ class MetaService:
         return await namespace.lookup(self.ctx, who, parent, name)
 
     async def create(self, who: Caller, parent: int, name, mode: int = 0o666, flags: int = os.O_RDWR,
-                     umask: int = 0) -> tuple[Inode, bytes | None]:
-        """Create (and open) a regular file; returns (attributes, write session or None)."""
-        return await sessions.create(self.ctx, who, parent, name, mode, flags, umask)
+                     umask: int = 0, with_dir: bool = False) -> tuple:
+        """Create (and open) a regular file; returns (attributes, write session or None), and
+        with `with_dir` the directory's attributes after a new file went in (else None)."""
+        return await sessions.create(self.ctx, who, parent, name, mode, flags, umask, with_dir)
 
     async def mkdir(self, who: Caller, parent: int, name, mode: int = 0o777, umask: int = 0) -> Inode:
         return await namespace.mkdir(self.ctx, who, parent, name, mode, umask)

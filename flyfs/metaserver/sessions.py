@@ -112,8 +112,10 @@ async def open(ctx: Ctx, who: Caller, ino: int, flags: int, path=None, base: int
 
 
 async def create(ctx: Ctx, who: Caller, parent: int, name, mode: int = 0o666, flags: int = os.O_RDWR,
-                 umask: int = 0) -> tuple[Inode, bytes | None]:
-    """Create and open a regular file (O_CREAT; EEXIST with O_EXCL, else open the existing one)."""
+                 umask: int = 0, with_dir: bool = False) -> tuple:
+    """Create and open a regular file (O_CREAT; EEXIST with O_EXCL, else open the existing one):
+    (attributes, write session or None), and with `with_dir` a third item: the directory's
+    attributes right after a new file went in (None when the file existed)."""
     check_ino(parent)
     name = check_name(name, dots=errno.EEXIST)
     _, perm = check_create_mode(mode, umask, (0, stat.S_IFREG), "create")
@@ -134,19 +136,19 @@ async def create(ctx: Ctx, who: Caller, parent: int, name, mode: int = 0o666, fl
             node = await load_full(txn, s.decode_dentry(d_raw)[0])
             if node.is_dir:
                 raise fail(errno.EISDIR, f"{name!r} is a directory")
-            return node, open_node(ctx, txn, who, node, f, now), True
+            return node, open_node(ctx, txn, who, node, f, now), None
         check_dir_write(p, who)
         node = new_node(ino, p, who, stat.S_IFREG | perm, now, layout=file_layout(p.layout, table))
         put(txn, node)
         txn.set(s.dentry_key(parent, name), s.encode_dentry(ino, stat.S_IFREG))
         touch_dir(txn, parent, now)
         # A new file: no access check on its own mode (creat(path, 0) may still write).
-        return node, _new_session(ctx, txn, who, ino, now) if f.write else None, False
+        return node, _new_session(ctx, txn, who, ino, now) if f.write else None, p.with_(mtime=now, ctime=now)
 
-    node, session, existed = await ctx.transact(fn)
-    if existed and f.trunc and node.is_reg:
+    node, session, dir_after = await ctx.transact(fn)
+    if dir_after is None and f.trunc and node.is_reg:
         node = await attrs.truncate(ctx, who, node.ino, 0, session=session)
-    return node, session
+    return (node, session, dir_after) if with_dir else (node, session)
 
 
 def _check_session(session) -> bytes:

@@ -193,39 +193,54 @@ def test_stat_ahead_after_a_listing_stays_right(mnt, d, fs):
         time.sleep(0.1)
 
 
-def test_the_directory_reread_after_a_create_comes_from_the_create(mnt, d, fs, fly):
-    """The kernel re-reads a directory's attributes after each create in it; the create's
-    own answer serves that (no metadata call), and the attributes are the server's."""
+def test_the_directory_reread_after_a_change_comes_from_the_change(mnt, d, fs, fly):
+    """The kernel re-reads a directory's attributes after each change in it; the reply of
+    the change (create, mkdir, mknod, symlink, unlink, rmdir) serves that, with no
+    metadata call, and the attributes are the server's."""
     svc = fly._meta[2]
     dir_ino = os.stat(d).st_ino
     resolved = []
     real = svc.resolve
 
+    counting_on = [False]     # (the API's own stats below are not counted)
+
     async def counting(*args, **kw):
         node = await real(*args, **kw)
-        resolved.append(node.ino)
+        if counting_on[0]:
+            resolved.append(node.ino)
         return node
 
+    def create(i):
+        with open(os.path.join(d, f"c{i}"), "wb") as f:
+            f.write(b"x" * i)
+
+    changes = [create, lambda i: os.mkdir(os.path.join(d, f"m{i}")),
+               lambda i: os.mkfifo(os.path.join(d, f"p{i}")),
+               lambda i: os.symlink("c0", os.path.join(d, f"s{i}")),
+               lambda i: os.unlink(os.path.join(d, f"c{i}")), lambda i: os.rmdir(os.path.join(d, f"m{i}"))]
+    api_dir = api_path(mnt, d)
     svc.resolve = counting
     try:
-        for i in range(5):
-            with open(os.path.join(d, f"c{i}"), "wb") as f:
-                f.write(b"x" * i)
-            st = os.stat(d)
-            assert st.st_mtime == st.st_ctime == os.stat(os.path.join(d, f"c{i}")).st_ctime
+        for change in changes:
+            for i in range(3):
+                counting_on[0] = True
+                change(i)
+                st = os.stat(d)
+                counting_on[0] = False
+                api = fs.stat(api_dir)      # (fuse-python passes whole seconds)
+                assert (st.st_mtime, st.st_ctime, st.st_nlink, st.st_mode) == \
+                    (int(api.st_mtime), int(api.st_ctime), api.st_nlink, api.st_mode)
     finally:
         del svc.resolve
-    assert resolved and dir_ino not in resolved, "the directory was asked for after a create"
-    api = fs.stat(api_path(mnt, d))     # (fuse-python passes whole seconds)
-    assert (st.st_mtime, st.st_nlink, st.st_mode) == (int(api.st_mtime), api.st_nlink, api.st_mode)
-    # Anything else that changes a directory through the mount is not answered from a create.
-    with open(os.path.join(d, "c9"), "wb"):
-        pass
+    assert resolved and dir_ino not in resolved, "the directory was asked for after a change"
+    # Anything else that changes a directory through the mount is not answered from a change.
+    create(9)
     os.mkdir(os.path.join(d, "sub"))
-    os.rename(os.path.join(d, "c0"), os.path.join(d, "c0r"))
-    os.unlink(os.path.join(d, "c1"))
-    st, api = os.stat(d), fs.stat(api_path(mnt, d))
-    assert (st.st_mtime, st.st_nlink) == (int(api.st_mtime), api.st_nlink) and st.st_nlink == 3
+    os.rename(os.path.join(d, "p0"), os.path.join(d, "p0r"))
+    os.chmod(d, 0o750)
+    st, api = os.stat(d), fs.stat(api_dir)
+    assert (st.st_mtime, st.st_nlink, st.st_mode) == (int(api.st_mtime), api.st_nlink, api.st_mode)
+    assert st.st_nlink == 3 and stat.S_IMODE(st.st_mode) == 0o750
 
 
 def test_open_flags(mnt, d):

@@ -858,15 +858,18 @@ class AsyncFileSystem:
         return await self._s.meta.statfs(user=self.who)
 
     # ---- names ---------------------------------------------------------------------------------------------
-    async def mkdir(self, path, mode: int = 0o777, *, umask: int | None = None) -> Inode:
+    # with_dir (mkdir, mknod, symlink, unlink, rmdir): also return the directory's attributes
+    # right after the change, or None where the metadata service did not say (FUSE answers the
+    # kernel's re-read of the directory from them)
+    async def mkdir(self, path, mode: int = 0o777, *, umask: int | None = None, with_dir: bool = False):
         meta, um = self._s.meta, self._umask(umask)
         try:
-            n = await self._in_parents([path], lambda parent, name: meta.mkdir(parent, name, mode, um,
-                                                                               user=self.who))
+            n, dir_after = await self._in_parents([path], lambda parent, name: meta.mkdir(
+                parent, name, mode, um, with_dir=True, user=self.who))
         except OSError as e:
             raise _with_path(e, path) from None
         self._resolved(fspath(path), n)  # what is made next goes in it (tar x, cp -a)
-        return n
+        return (n, dir_after) if with_dir else n
 
     async def makedirs(self, path, mode: int = 0o777, exist_ok: bool = False) -> None:
         p = _dirkey(fspath(path))
@@ -889,24 +892,24 @@ class AsyncFileSystem:
                 raise
 
     async def mknod(self, path, mode: int = 0o600 | stat_mod.S_IFREG, device: int = 0, *,
-                    umask: int | None = None) -> Inode:
+                    umask: int | None = None, with_dir: bool = False):
         meta, um = self._s.meta, self._umask(umask)
         try:
-            return await self._in_parents([path], lambda parent, name: meta.mknod(parent, name, mode, device, um,
-                                                                                  user=self.who))
+            return await self._in_parents([path], lambda parent, name: meta.mknod(
+                parent, name, mode, device, um, with_dir=with_dir, user=self.who))
         except OSError as e:
             raise _with_path(e, path) from None
 
     async def mkfifo(self, path, mode: int = 0o666) -> Inode:
         return await self.mknod(path, stat_mod.S_IFIFO | (mode & 0o7777))
 
-    async def symlink(self, target, path) -> Inode:
+    async def symlink(self, target, path, *, with_dir: bool = False):
         """Create a symlink at `path` pointing to `target` (os.symlink order)."""
         t = os.fsencode(target) if isinstance(target, str) else bytes(target)
         meta = self._s.meta
         try:
-            return await self._in_parents([path], lambda parent, name: meta.symlink(parent, name, t,
-                                                                                    user=self.who))
+            return await self._in_parents([path], lambda parent, name: meta.symlink(
+                parent, name, t, with_dir=with_dir, user=self.who))
         except OSError as e:
             raise _with_path(e, target, path) from None
 
@@ -932,23 +935,27 @@ class AsyncFileSystem:
         except OSError as e:
             raise _with_path(e, src, dst) from None
 
-    async def unlink(self, path) -> None:
+    async def unlink(self, path, *, with_dir: bool = False) -> Inode | None:
         meta = self._s.meta
         try:
-            await self._in_parents([path], lambda parent, name: meta.unlink(parent, name, user=self.who))
+            dir_after = await self._in_parents([path], lambda parent, name: meta.unlink(parent, name,
+                                                                                        user=self.who))
         except OSError as e:
             raise _with_path(e, path) from None
+        return dir_after if with_dir else None
 
     remove = unlink
 
-    async def rmdir(self, path) -> None:
+    async def rmdir(self, path, *, with_dir: bool = False) -> Inode | None:
         meta = self._s.meta
         try:
-            await self._in_parents([path], lambda parent, name: meta.rmdir(parent, name, user=self.who))
+            dir_after = await self._in_parents([path], lambda parent, name: meta.rmdir(parent, name,
+                                                                                       user=self.who))
         except OSError as e:
             raise _with_path(e, path) from None
         finally:
             self.invalidate_cache()
+        return dir_after if with_dir else None
 
     async def rename(self, src, dst, flags: int = 0) -> None:
         """rename(2) (replaces a file or empty directory at dst); flags RENAME_NOREPLACE / RENAME_EXCHANGE."""

@@ -125,6 +125,11 @@ class _Later:
         self.sending: set[asyncio.Task] = set()
 
 
+def _dir_of(reply) -> Inode | None:
+    """AttrReply.dir / EmptyReply.dir: a directory's attributes right after a change in it."""
+    return wire.inode_of(reply.dir) if reply.HasField("dir") else None
+
+
 class MetaClient:
     """Client of one metadata server: gRPC at HOST:PORT, or flyfs/net at tcp://HOST:PORT."""
 
@@ -466,23 +471,30 @@ class MetaClient:
         r = await self._call("Create", lambda h: pb.CreateReq(
             header=h, parent=parent, name=_b(name), mode=mode, flags=flags, umask=umask), user)
         node, session = wire.inode_of(r.attr), r.session or None
-        if not with_dir:
-            return node, session
-        return node, session, wire.inode_of(r.dir) if r.HasField("dir") else None
+        return (node, session, _dir_of(r)) if with_dir else (node, session)
 
-    async def mkdir(self, parent: int, name, mode: int = 0o777, umask: int = 0, *,
-                    user: Caller | None = None) -> Inode:
-        return await self._attr("Mkdir", lambda h: pb.MkdirReq(header=h, parent=parent, name=_b(name),
-                                                               mode=mode, umask=umask), user)
+    async def _made(self, method: str, build, user, with_dir: bool):
+        """The new entry's attributes; with `with_dir`, (them, the directory's right after or None)."""
+        r = await self._call(method, build, user)
+        node = wire.inode_of(r.attr)
+        return (node, _dir_of(r)) if with_dir else node
+
+    # with_dir (mkdir, mknod, symlink): (the new inode, its directory's attributes right after)
+    async def mkdir(self, parent: int, name, mode: int = 0o777, umask: int = 0, *, with_dir: bool = False,
+                    user: Caller | None = None):
+        return await self._made("Mkdir", lambda h: pb.MkdirReq(header=h, parent=parent, name=_b(name),
+                                                               mode=mode, umask=umask), user, with_dir)
 
     async def mknod(self, parent: int, name, mode: int, rdev: int = 0, umask: int = 0, *,
-                    user: Caller | None = None) -> Inode:
-        return await self._attr("Mknod", lambda h: pb.MknodReq(header=h, parent=parent, name=_b(name),
-                                                               mode=mode, rdev=rdev, umask=umask), user)
+                    with_dir: bool = False, user: Caller | None = None):
+        return await self._made("Mknod", lambda h: pb.MknodReq(header=h, parent=parent, name=_b(name),
+                                                               mode=mode, rdev=rdev, umask=umask),
+                                user, with_dir)
 
-    async def symlink(self, parent: int, name, target, *, user: Caller | None = None) -> Inode:
-        return await self._attr("Symlink", lambda h: pb.SymlinkReq(header=h, parent=parent, name=_b(name),
-                                                                   target=_b(target)), user)
+    async def symlink(self, parent: int, name, target, *, with_dir: bool = False,
+                      user: Caller | None = None):
+        return await self._made("Symlink", lambda h: pb.SymlinkReq(header=h, parent=parent, name=_b(name),
+                                                                   target=_b(target)), user, with_dir)
 
     async def readlink(self, ino: int, *, user: Caller | None = None) -> bytes:
         return (await self._call("Readlink", lambda h: pb.InodeReq(header=h, ino=ino), user)).target
@@ -491,11 +503,15 @@ class MetaClient:
         return await self._attr("Link", lambda h: pb.LinkReq(header=h, ino=ino, new_parent=new_parent,
                                                              new_name=_b(new_name)), user)
 
-    async def unlink(self, parent: int, name, *, user: Caller | None = None) -> None:
-        await self._call("Unlink", lambda h: pb.RemoveReq(header=h, parent=parent, name=_b(name)), user)
+    # unlink, rmdir: the directory's attributes right after (None: a retry the server had done, or
+    # a server that does not say)
+    async def unlink(self, parent: int, name, *, user: Caller | None = None) -> Inode | None:
+        return _dir_of(await self._call("Unlink", lambda h: pb.RemoveReq(header=h, parent=parent,
+                                                                         name=_b(name)), user))
 
-    async def rmdir(self, parent: int, name, *, user: Caller | None = None) -> None:
-        await self._call("Rmdir", lambda h: pb.RemoveReq(header=h, parent=parent, name=_b(name)), user)
+    async def rmdir(self, parent: int, name, *, user: Caller | None = None) -> Inode | None:
+        return _dir_of(await self._call("Rmdir", lambda h: pb.RemoveReq(header=h, parent=parent,
+                                                                        name=_b(name)), user))
 
     async def rename(self, old_parent: int, old_name, new_parent: int, new_name, flags: int = 0, *,
                      user: Caller | None = None) -> None:

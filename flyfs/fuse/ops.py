@@ -79,9 +79,10 @@ LISTED_AGE = 5.0
 _READ_ONLY = frozenset({"getattr", "readdir", "opendir", "releasedir", "readlink", "statfs", "access",
                         "getxattr", "listxattr", "read", "fgetattr"})
 _changes = [0]  # bumped before and after every other operation (stat-ahead results older are not used)
-# The kernel re-reads a directory's attributes after every create in it (FUSE drops them):
-# a create answers that from the attributes the create itself returned, once, within
-# AHEAD_TTL, and only while no other operation that may change a directory has run.
+# The kernel re-reads a directory's attributes after every change in it (FUSE drops them):
+# a create, mkdir, mknod, symlink, unlink or rmdir answers that from the attributes it
+# returned itself, once, within AHEAD_TTL, and only while no other operation that may
+# change a directory has run through the mount.
 _DIR_CHANGING = frozenset({"mknod", "mkdir", "unlink", "rmdir", "symlink", "rename", "link", "chmod",
                            "chown", "truncate", "utimens", "setxattr", "removexattr"})
 _dir_changes = [0]  # bumped before and after each of those (and each create)
@@ -260,7 +261,7 @@ class FlyFuse(fusepy.Fuse):
         self._lock = threading.Lock()
         self._ahead: dict[tuple, tuple] = {}    # ((uid, gids), path) -> (Inode, _changes then, until)
         self._listed: dict[tuple, tuple[int, float, int]] = {}  # ((uid, gids), dir) -> (ino, until, _changes)
-        self._created_in: dict[tuple, tuple] = {}   # ((uid, gids), dir) -> (Inode, _dir_changes, until)
+        self._dirs_after: dict[tuple, tuple] = {}   # ((uid, gids), dir) -> (Inode, _dir_changes, until)
         self.file_class = _file_class(self)
 
     # ---- who is asking ------------------------------------------------------------------------------
@@ -327,8 +328,8 @@ class FlyFuse(fusepy.Fuse):
         hit = self._ahead.pop((fs.user, path), None)
         if hit is not None and hit[1] == _changes[0] and hit[2] > time.monotonic():
             return fuse_stat(fs.core._overlay(hit[0]))
-        if self._created_in:
-            hit = self._created_in.pop((fs.user, path), None)
+        if self._dirs_after:
+            hit = self._dirs_after.pop((fs.user, path), None)
             if hit is not None and hit[1] == _dir_changes[0] and hit[2] > time.monotonic():
                 return fuse_stat(hit[0])
         n = fs.core.getattr_now(path, False)        # from this thread when it can
@@ -400,29 +401,45 @@ class FlyFuse(fusepy.Fuse):
     def readlink(self, path):
         return self.run("readlink", path)
 
+    def _changed_in(self, path: str, dir_after, seen: int, user=None) -> None:
+        """Keep the attributes a change in directory dirname(path) returned for the kernel's
+        re-read of that directory (see _DIR_CHANGING): valid while _dir_changes stays `seen`."""
+        if dir_after is None:
+            return
+        if len(self._dirs_after) > 4096:
+            self._dirs_after.clear()
+        key = (user or self.who().user, path.rpartition("/")[0] or "/")
+        self._dirs_after[key] = (dir_after, seen, time.monotonic() + AHEAD_TTL)
+
+    # (each of these runs inside guard's bump of _dir_changes: + 1 is its value once it is done)
     @guard
     def mknod(self, path, mode, dev):
-        self.run("mknod", path, mode, dev, umask=0)
+        seen = _dir_changes[0] + 1
+        self._changed_in(path, self.run("mknod", path, mode, dev, umask=0, with_dir=True)[1], seen)
         return 0
 
     @guard
     def mkdir(self, path, mode):
-        self.run("mkdir", path, mode, umask=0)
+        seen = _dir_changes[0] + 1
+        self._changed_in(path, self.run("mkdir", path, mode, umask=0, with_dir=True)[1], seen)
         return 0
 
     @guard
     def unlink(self, path):
-        self.run("unlink", path)
+        seen = _dir_changes[0] + 1
+        self._changed_in(path, self.run("unlink", path, with_dir=True), seen)
         return 0
 
     @guard
     def rmdir(self, path):
-        self.run("rmdir", path)
+        seen = _dir_changes[0] + 1
+        self._changed_in(path, self.run("rmdir", path, with_dir=True), seen)
         return 0
 
     @guard
     def symlink(self, target, path):
-        self.run("symlink", target, path)
+        seen = _dir_changes[0] + 1
+        self._changed_in(path, self.run("symlink", target, path, with_dir=True)[1], seen)
         return 0
 
     @guard
@@ -543,12 +560,8 @@ def _file_class(ops: FlyFuse):
                 _changes[0] += 1
                 if mode:
                     _dir_changes[0] += 1
-            if mode and self.h.dir_after is not None:
-                created_in = ops._created_in
-                if len(created_in) > 4096:
-                    created_in.clear()
-                key = (self.fs.user, path.rpartition("/")[0] or "/")
-                created_in[key] = (self.h.dir_after, seen, time.monotonic() + AHEAD_TTL)
+            if mode:
+                ops._changed_in(path, self.h.dir_after, seen, self.fs.user)
 
         def _open(self, path, flags, *mode):
             try:

@@ -82,8 +82,9 @@ def new_node(ino: int, parent: Inode, who: Caller, mode: int, now: int, *, layou
 
 
 async def make_node(ctx: Ctx, who: Caller, parent: int, name: bytes, mode: int, *, rdev: int = 0,
-                    target: bytes = b"") -> Inode:
-    """Create a non-directory entry (regular, fifo, socket, device, symlink)."""
+                    target: bytes = b"", with_dir: bool = False):
+    """Create a non-directory entry (regular, fifo, socket, device, symlink); with `with_dir`,
+    (its attributes, the directory's right after)."""
     ftype = stat.S_IFMT(mode)
     table = await current_table(ctx) if ftype == stat.S_IFREG else None
     ino = await ctx.alloc.allocate()
@@ -97,9 +98,10 @@ async def make_node(ctx: Ctx, who: Caller, parent: int, name: bytes, mode: int, 
         put(txn, node)
         txn.set(s.dentry_key(parent, name), s.encode_dentry(ino, ftype))
         touch_dir(txn, parent, now)
-        return node
+        return node, p.with_(mtime=now, ctime=now)
 
-    return await ctx.transact(fn)
+    node, dir_after = await ctx.transact(fn)
+    return (node, dir_after) if with_dir else node
 
 
 def check_create_mode(mode, umask, allowed_types: tuple[int, ...], what: str) -> tuple[int, int]:
@@ -113,8 +115,10 @@ def check_create_mode(mode, umask, allowed_types: tuple[int, ...], what: str) ->
     return ftype, mode & 0o7777 & ~umask
 
 
-async def mkdir(ctx: Ctx, who: Caller, parent: int, name, mode: int = 0o777, umask: int = 0) -> Inode:
-    """Create a directory; it inherits the parent's layout (and group, if the parent is setgid)."""
+async def mkdir(ctx: Ctx, who: Caller, parent: int, name, mode: int = 0o777, umask: int = 0,
+                with_dir: bool = False):
+    """Create a directory; it inherits the parent's layout (and group, if the parent is setgid).
+    With `with_dir`: (its attributes, the parent's right after)."""
     check_ino(parent)
     name = check_name(name, dots=errno.EEXIST)
     _, perm = check_create_mode(mode, umask, (0, stat.S_IFDIR), "mkdir")
@@ -130,14 +134,16 @@ async def mkdir(ctx: Ctx, who: Caller, parent: int, name, mode: int = 0o777, uma
                          layout=Layout(p.layout.chunk_size, p.layout.stripe), nlink=2, dir_parent=parent)
         put(txn, node)
         txn.set(s.dentry_key(parent, name), s.encode_dentry(ino, stat.S_IFDIR))
-        put_dir(txn, p.with_(nlink=p.nlink + 1, mtime=now, ctime=now))
-        return node
+        p = p.with_(nlink=p.nlink + 1, mtime=now, ctime=now)
+        put_dir(txn, p)
+        return node, p
 
-    return await ctx.transact(fn)
+    node, dir_after = await ctx.transact(fn)
+    return (node, dir_after) if with_dir else node
 
 
 async def mknod(ctx: Ctx, who: Caller, parent: int, name, mode: int, rdev: int = 0,
-                umask: int = 0) -> Inode:
+                umask: int = 0, with_dir: bool = False):
     """Create a regular file, FIFO, socket or device node (devices: root only)."""
     check_ino(parent)
     name = check_name(name, dots=errno.EEXIST)
@@ -155,14 +161,14 @@ async def mknod(ctx: Ctx, who: Caller, parent: int, name, mode: int, rdev: int =
             raise fail(errno.EINVAL, f"invalid device number {rdev!r}")
     else:
         rdev = 0
-    return await make_node(ctx, who, parent, name, ftype | perm, rdev=rdev)
+    return await make_node(ctx, who, parent, name, ftype | perm, rdev=rdev, with_dir=with_dir)
 
 
-async def symlink(ctx: Ctx, who: Caller, parent: int, name, target) -> Inode:
+async def symlink(ctx: Ctx, who: Caller, parent: int, name, target, with_dir: bool = False):
     check_ino(parent)
     name = check_name(name, dots=errno.EEXIST)
     target = check_symlink_target(target)
-    return await make_node(ctx, who, parent, name, stat.S_IFLNK | 0o777, target=target)
+    return await make_node(ctx, who, parent, name, stat.S_IFLNK | 0o777, target=target, with_dir=with_dir)
 
 
 async def readlink(ctx: Ctx, who: Caller, ino: int) -> bytes:
@@ -210,8 +216,9 @@ async def link(ctx: Ctx, who: Caller, ino: int, new_parent: int, new_name) -> In
 
 # ---- removing entries -------------------------------------------------------------
 
-async def unlink(ctx: Ctx, who: Caller, parent: int, name) -> None:
-    """Remove a non-directory entry; the last link of a file sends it to GC."""
+async def unlink(ctx: Ctx, who: Caller, parent: int, name) -> Inode | None:
+    """Remove a non-directory entry; the last link of a file sends it to GC. Returns the
+    directory's attributes right after (None for a retry of a request already done)."""
     check_ino(parent)
     name = check_name(name, dots=errno.EISDIR)
 
@@ -235,11 +242,14 @@ async def unlink(ctx: Ctx, who: Caller, parent: int, name) -> None:
         touch_dir(txn, parent, now)
         await drop_link(txn, node, now)
         record_done(txn, who, OP_UNLINK, now)
+        return p.with_(mtime=now, ctime=now)
 
-    await ctx.transact(fn)
+    return await ctx.transact(fn)
 
 
-async def rmdir(ctx: Ctx, who: Caller, parent: int, name) -> None:
+async def rmdir(ctx: Ctx, who: Caller, parent: int, name) -> Inode | None:
+    """Remove an empty directory. Returns the parent's attributes right after (None for a
+    retry of a request already done)."""
     check_ino(parent)
     b = as_name(name)
     if b == b".":
@@ -268,10 +278,12 @@ async def rmdir(ctx: Ctx, who: Caller, parent: int, name) -> None:
         now = ctx.now()
         txn.clear(s.dentry_key(parent, b))
         remove_inode(txn, ino)
-        put_dir(txn, p.with_(nlink=max(p.nlink - 1, 2), mtime=now, ctime=now))
+        p = p.with_(nlink=max(p.nlink - 1, 2), mtime=now, ctime=now)
+        put_dir(txn, p)
         record_done(txn, who, OP_RMDIR, now)
+        return p
 
-    await ctx.transact(fn)
+    return await ctx.transact(fn)
 
 
 # ---- rename ----------------------------------------------------------------------

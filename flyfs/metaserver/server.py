@@ -92,6 +92,21 @@ class MetaServicer(meta_pb2_grpc.MetaServicer):
             gid=r.gid if r.HasField("gid") else None, size=r.size if r.HasField("size") else None,
             atime=wire.timeset_of(r.atime), mtime=wire.timeset_of(r.mtime), session=r.session or None))
 
+    async def _made(self, coro) -> meta_pb2.AttrReply:
+        """A new entry's reply: its attributes and its directory's right after (AttrReply.dir)."""
+        try:
+            node, dir_after = await coro
+        except Exception as e:
+            return meta_pb2.AttrReply(status=_error(e))
+        return meta_pb2.AttrReply(attr=wire.attr_msg(node), dir=wire.attr_msg(dir_after))
+
+    async def _removed(self, coro) -> meta_pb2.EmptyReply:
+        try:
+            dir_after = await coro
+        except Exception as e:
+            return meta_pb2.EmptyReply(status=_error(e))
+        return meta_pb2.EmptyReply(dir=wire.attr_msg(dir_after)) if dir_after else meta_pb2.EmptyReply()
+
     async def Create(self, r, context=None):
         try:
             node, session, dir_after = await self.svc.create(wire.caller_of(r.header), r.parent, r.name,
@@ -104,23 +119,25 @@ class MetaServicer(meta_pb2_grpc.MetaServicer):
         return reply
 
     async def Mkdir(self, r, context=None):
-        return await self._attr(self.svc.mkdir(wire.caller_of(r.header), r.parent, r.name, r.mode, r.umask))
+        return await self._made(self.svc.mkdir(wire.caller_of(r.header), r.parent, r.name, r.mode, r.umask,
+                                               with_dir=True))
 
     async def Mknod(self, r, context=None):
-        return await self._attr(self.svc.mknod(wire.caller_of(r.header), r.parent, r.name, r.mode,
-                                               r.rdev, r.umask))
+        return await self._made(self.svc.mknod(wire.caller_of(r.header), r.parent, r.name, r.mode,
+                                               r.rdev, r.umask, with_dir=True))
 
     async def Symlink(self, r, context=None):
-        return await self._attr(self.svc.symlink(wire.caller_of(r.header), r.parent, r.name, r.target))
+        return await self._made(self.svc.symlink(wire.caller_of(r.header), r.parent, r.name, r.target,
+                                                 with_dir=True))
 
     async def Link(self, r, context=None):
         return await self._attr(self.svc.link(wire.caller_of(r.header), r.ino, r.new_parent, r.new_name))
 
     async def Unlink(self, r, context=None):
-        return await self._empty(self.svc.unlink(wire.caller_of(r.header), r.parent, r.name))
+        return await self._removed(self.svc.unlink(wire.caller_of(r.header), r.parent, r.name))
 
     async def Rmdir(self, r, context=None):
-        return await self._empty(self.svc.rmdir(wire.caller_of(r.header), r.parent, r.name))
+        return await self._removed(self.svc.rmdir(wire.caller_of(r.header), r.parent, r.name))
 
     async def Rename(self, r, context=None):
         return await self._empty(self.svc.rename(wire.caller_of(r.header), r.old_parent, r.old_name,

@@ -100,15 +100,17 @@ class MetaService:
         with `with_dir` the directory's attributes after a new file went in (else None)."""
         return await sessions.create(self.ctx, who, parent, name, mode, flags, umask, with_dir)
 
-    async def mkdir(self, who: Caller, parent: int, name, mode: int = 0o777, umask: int = 0) -> Inode:
-        return await namespace.mkdir(self.ctx, who, parent, name, mode, umask)
+    # with_dir (mkdir, mknod, symlink): (the new inode, its directory's attributes right after)
+    async def mkdir(self, who: Caller, parent: int, name, mode: int = 0o777, umask: int = 0,
+                    with_dir: bool = False):
+        return await namespace.mkdir(self.ctx, who, parent, name, mode, umask, with_dir)
 
     async def mknod(self, who: Caller, parent: int, name, mode: int, rdev: int = 0,
-                    umask: int = 0) -> Inode:
-        return await namespace.mknod(self.ctx, who, parent, name, mode, rdev, umask)
+                    umask: int = 0, with_dir: bool = False):
+        return await namespace.mknod(self.ctx, who, parent, name, mode, rdev, umask, with_dir)
 
-    async def symlink(self, who: Caller, parent: int, name, target) -> Inode:
-        return await namespace.symlink(self.ctx, who, parent, name, target)
+    async def symlink(self, who: Caller, parent: int, name, target, with_dir: bool = False):
+        return await namespace.symlink(self.ctx, who, parent, name, target, with_dir)
 
     async def readlink(self, who: Caller, ino: int) -> bytes:
         return await namespace.readlink(self.ctx, who, ino)
@@ -116,12 +118,14 @@ class MetaService:
     async def link(self, who: Caller, ino: int, new_parent: int, new_name) -> Inode:
         return await namespace.link(self.ctx, who, ino, new_parent, new_name)
 
-    async def unlink(self, who: Caller, parent: int, name) -> None:
-        """Remove a non-directory; idempotent for a retried request uuid."""
+    async def unlink(self, who: Caller, parent: int, name) -> Inode | None:
+        """Remove a non-directory; idempotent for a retried request uuid. Returns the
+        directory's attributes right after (None for such a retry)."""
         return await namespace.unlink(self.ctx, who, parent, name)
 
-    async def rmdir(self, who: Caller, parent: int, name) -> None:
-        """Remove an empty directory; idempotent for a retried request uuid."""
+    async def rmdir(self, who: Caller, parent: int, name) -> Inode | None:
+        """Remove an empty directory; idempotent for a retried request uuid. Returns the
+        parent's attributes right after (None for such a retry)."""
         return await namespace.rmdir(self.ctx, who, parent, name)
 
     async def rename(self, who: Caller, old_parent: int, old_name, new_parent: int, new_name,

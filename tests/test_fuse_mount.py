@@ -195,7 +195,7 @@ def test_stat_ahead_after_a_listing_stays_right(mnt, d, fs):
 
 def test_the_directory_reread_after_a_change_comes_from_the_change(mnt, d, fs, fly):
     """The kernel re-reads a directory's attributes after each change in it; the reply of
-    the change (create, mkdir, mknod, symlink, unlink, rmdir) serves that, with no
+    the change (create, mkdir, mknod, symlink, rename, unlink, rmdir) serves that, with no
     metadata call, and the attributes are the server's."""
     svc = fly._meta[2]
     dir_ino = os.stat(d).st_ino
@@ -217,7 +217,8 @@ def test_the_directory_reread_after_a_change_comes_from_the_change(mnt, d, fs, f
     changes = [create, lambda i: os.mkdir(os.path.join(d, f"m{i}")),
                lambda i: os.mkfifo(os.path.join(d, f"p{i}")),
                lambda i: os.symlink("c0", os.path.join(d, f"s{i}")),
-               lambda i: os.unlink(os.path.join(d, f"c{i}")), lambda i: os.rmdir(os.path.join(d, f"m{i}"))]
+               lambda i: os.rename(os.path.join(d, f"c{i}"), os.path.join(d, f"r{i}")),
+               lambda i: os.unlink(os.path.join(d, f"r{i}")), lambda i: os.rmdir(os.path.join(d, f"m{i}"))]
     api_dir = api_path(mnt, d)
     svc.resolve = counting
     try:
@@ -241,6 +242,10 @@ def test_the_directory_reread_after_a_change_comes_from_the_change(mnt, d, fs, f
     st, api = os.stat(d), fs.stat(api_dir)
     assert (st.st_mtime, st.st_nlink, st.st_mode) == (int(api.st_mtime), api.st_nlink, api.st_mode)
     assert st.st_nlink == 3 and stat.S_IMODE(st.st_mode) == 0o750
+    os.rename(os.path.join(d, "c9"), os.path.join(d, "sub", "c9"))     # across directories: both
+    for where in (d, os.path.join(d, "sub")):
+        st, api = os.stat(where), fs.stat(api_path(mnt, where))
+        assert (st.st_mtime, st.st_ctime, st.st_nlink) == (int(api.st_mtime), int(api.st_ctime), api.st_nlink)
 
 
 def test_open_flags(mnt, d):

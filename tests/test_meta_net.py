@@ -137,8 +137,9 @@ async def test_concurrent_calls_are_coalesced_into_batches(counted):
     results = results[1:]
     assert [r.ino for r in results[:20]] == [f.ino for f in files]
     assert isinstance(results[20], FileNotFoundError) and isinstance(results[21], PermissionError)
-    assert results[22].ino == d.ino and results[24] is None
+    assert results[22].ino == d.ino
     assert results[23].ino == d.ino and results[23].mtime > d.mtime   # unlink: the directory after
+    assert [n.ino for n in results[24]] == [d.ino, ROOT_INO]           # rename: both directories after
     assert len(servicer.batches) == 1 and len(servicer.batches[0]) == 25
     assert (await c.lookup(ROOT_INO, "moved")).ino == files[18].ino
     # Not batchable (statfs) or coalescing off: plain calls.

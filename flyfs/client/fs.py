@@ -957,16 +957,19 @@ class AsyncFileSystem:
             self.invalidate_cache()
         return dir_after if with_dir else None
 
-    async def rename(self, src, dst, flags: int = 0) -> None:
-        """rename(2) (replaces a file or empty directory at dst); flags RENAME_NOREPLACE / RENAME_EXCHANGE."""
+    async def rename(self, src, dst, flags: int = 0, *, with_dir: bool = False):
+        """rename(2) (replaces a file or empty directory at dst); flags RENAME_NOREPLACE / RENAME_EXCHANGE.
+        With `with_dir`: (source directory's, destination directory's attributes right after;
+        the destination's None when it is the same directory, both None when not known)."""
         meta = self._s.meta
         try:
-            await self._in_parents([src, dst], lambda sp, sn, dp, dn: meta.rename(sp, sn, dp, dn, flags,
-                                                                                  user=self.who))
+            dirs = await self._in_parents([src, dst], lambda sp, sn, dp, dn: meta.rename(sp, sn, dp, dn, flags,
+                                                                                         user=self.who))
         except OSError as e:
             raise _with_path(e, src, dst) from None
         finally:
             self.invalidate_cache()
+        return dirs if with_dir else None
 
     replace = rename
 

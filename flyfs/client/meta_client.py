@@ -514,10 +514,13 @@ class MetaClient:
                                                                         name=_b(name)), user))
 
     async def rename(self, old_parent: int, old_name, new_parent: int, new_name, flags: int = 0, *,
-                     user: Caller | None = None) -> None:
-        await self._call("Rename", lambda h: pb.RenameReq(
+                     user: Caller | None = None) -> tuple[Inode | None, Inode | None]:
+        """The source and (across directories) destination directories' attributes right after
+        (None where the server did not say: a retry it had done, nothing changed, an older server)."""
+        r = await self._call("Rename", lambda h: pb.RenameReq(
             header=h, old_parent=old_parent, old_name=_b(old_name), new_parent=new_parent,
             new_name=_b(new_name), flags=flags), user)
+        return _dir_of(r), wire.inode_of(r.new_dir) if r.HasField("new_dir") else None
 
     async def resolve(self, path, follow: bool = True, base: int = ROOT_INO, *,
                       user: Caller | None = None) -> Inode:

@@ -80,7 +80,7 @@ _READ_ONLY = frozenset({"getattr", "readdir", "opendir", "releasedir", "readlink
                         "getxattr", "listxattr", "read", "fgetattr"})
 _changes = [0]  # bumped before and after every other operation (stat-ahead results older are not used)
 # The kernel re-reads a directory's attributes after every change in it (FUSE drops them):
-# a create, mkdir, mknod, symlink, unlink or rmdir answers that from the attributes it
+# a create, mkdir, mknod, symlink, unlink, rmdir or rename answers that from the attributes it
 # returned itself, once, within AHEAD_TTL, and only while no other operation that may
 # change a directory has run through the mount.
 _DIR_CHANGING = frozenset({"mknod", "mkdir", "unlink", "rmdir", "symlink", "rename", "link", "chmod",
@@ -444,7 +444,10 @@ class FlyFuse(fusepy.Fuse):
 
     @guard
     def rename(self, old, new):
-        self.run("rename", old, new)
+        seen = _dir_changes[0] + 1
+        dir_after, new_dir_after = self.run("rename", old, new, with_dir=True)
+        self._changed_in(old, dir_after, seen)
+        self._changed_in(new, new_dir_after, seen)
         return 0
 
     @guard

@@ -315,9 +315,12 @@ async def _serialize_dir_moves(txn) -> None:
 
 
 async def rename(ctx: Ctx, who: Caller, old_parent: int, old_name, new_parent: int, new_name,
-                 flags: int = 0) -> None:
+                 flags: int = 0) -> tuple[Inode | None, Inode | None]:
     """rename(2)/renameat2: replace a file or an empty directory, across directories,
-    RENAME_NOREPLACE and RENAME_EXCHANGE; never a directory into itself."""
+    RENAME_NOREPLACE and RENAME_EXCHANGE; never a directory into itself. Returns the
+    attributes of the source directory and (across directories) of the destination
+    directory right after ((None, None) when nothing changed, or for a retry of a request
+    already done)."""
     check_ino(old_parent)
     check_ino(new_parent)
     old_name = check_name(old_name, dots=errno.EBUSY)
@@ -336,7 +339,7 @@ async def rename(ctx: Ctx, who: Caller, old_parent: int, old_name, new_parent: i
             s.inode_key(old_parent), s.inode_key(new_parent),
             s.dentry_key(old_parent, old_name), s.dentry_key(new_parent, new_name)])
         if raws is None:
-            return
+            return None, None
         op = decode_dir(old_parent, raws[0])
         np = decode_dir(new_parent, raws[1]) if cross else op
         check_search(op, who)
@@ -354,7 +357,7 @@ async def rename(ctx: Ctx, who: Caller, old_parent: int, old_name, new_parent: i
         now = ctx.now()
         if dst is not None and dst[0] == src_ino:
             record_done(txn, who, OP_RENAME, now)  # same inode: POSIX says do nothing
-            return
+            return None, None
         inos = [src_ino] + ([dst[0]] if dst else [])
         nodes = await load_many_full(txn, inos)
         src = nodes[0]
@@ -414,14 +417,18 @@ async def rename(ctx: Ctx, who: Caller, old_parent: int, old_name, new_parent: i
                 nlink_delta[old_parent] -= 1
                 nlink_delta[new_parent] += 1
         _put_any(txn, src.with_(ctime=now))
+        after = {}
         for ino, node in parents.items():
             if nlink_delta[ino]:
-                put_dir(txn, node.with_(nlink=max(node.nlink + nlink_delta[ino], 2), mtime=now, ctime=now))
+                after[ino] = node.with_(nlink=max(node.nlink + nlink_delta[ino], 2), mtime=now, ctime=now)
+                put_dir(txn, after[ino])
             else:
+                after[ino] = node.with_(mtime=now, ctime=now)
                 touch_dir(txn, ino, now)
         record_done(txn, who, OP_RENAME, now)
+        return after[old_parent], after[new_parent] if cross else None
 
-    await ctx.transact(fn)
+    return await ctx.transact(fn)
 
 
 def _put_any(txn, node: Inode) -> None:

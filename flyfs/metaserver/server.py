@@ -140,8 +140,17 @@ class MetaServicer(meta_pb2_grpc.MetaServicer):
         return await self._removed(self.svc.rmdir(wire.caller_of(r.header), r.parent, r.name))
 
     async def Rename(self, r, context=None):
-        return await self._empty(self.svc.rename(wire.caller_of(r.header), r.old_parent, r.old_name,
-                                                 r.new_parent, r.new_name, r.flags))
+        try:
+            dir_after, new_dir_after = await self.svc.rename(wire.caller_of(r.header), r.old_parent,
+                                                             r.old_name, r.new_parent, r.new_name, r.flags)
+        except Exception as e:
+            return meta_pb2.EmptyReply(status=_error(e))
+        reply = meta_pb2.EmptyReply()
+        if dir_after is not None:
+            reply.dir.CopyFrom(wire.attr_msg(dir_after))
+        if new_dir_after is not None:
+            reply.new_dir.CopyFrom(wire.attr_msg(new_dir_after))
+        return reply
 
     async def Readlink(self, r, context=None):
         try:

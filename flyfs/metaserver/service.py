@@ -129,8 +129,10 @@ class MetaService:
         return await namespace.rmdir(self.ctx, who, parent, name)
 
     async def rename(self, who: Caller, old_parent: int, old_name, new_parent: int, new_name,
-                     flags: int = 0) -> None:
-        """renameat2 (flags RENAME_NOREPLACE=1, RENAME_EXCHANGE=2); idempotent for a retried uuid."""
+                     flags: int = 0) -> tuple[Inode | None, Inode | None]:
+        """renameat2 (flags RENAME_NOREPLACE=1, RENAME_EXCHANGE=2); idempotent for a retried uuid.
+        Returns the source and (across directories) destination directories' attributes right
+        after ((None, None) for a retry, or when nothing changed)."""
         return await namespace.rename(self.ctx, who, old_parent, old_name, new_parent, new_name, flags)
 
     async def resolve(self, who: Caller, path, follow: bool = True, base: int = ROOT_INO) -> Inode:

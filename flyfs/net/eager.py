@@ -3,10 +3,11 @@
 A task costs a loop iteration before its first step and its own bookkeeping;
 for a coroutine that often finishes without ever waiting (a metadata read
 from a local KV, a write that only fills a buffer), that is most of its cost
-(~25 us per request in `flyfs meta`, ~40 us per blocking call of the client
-here). `start(coro)` steps the coroutine now, synchronously: it either
-finished (its result, or its exception raised) or it waits for something, and
-then a task takes it over from exactly there.
+(measured here: 15–25 us of CPU per request in `flyfs meta`, 45–85 us per
+blocking call of the client; BENCHMARKS.md, "Eighth session"). `start(coro)`
+steps the coroutine now, synchronously: it either finished (its result, or
+its exception raised) or it waits for something, and then a task takes it
+over from exactly there.
 
 While those first steps run there is no current task, so the coroutine must
 not use `asyncio.timeout()` or `asyncio.current_task()` before it first waits

@@ -48,6 +48,7 @@ from crc32c import crc32c
 from google.protobuf.message import DecodeError
 
 from flyfs import net
+from flyfs.net import eager
 from flyfs.cluster.chain_state import Chain, PublicState
 from flyfs.cluster.mgmtd_client import MgmtdClient, MgmtdError, NODE_STORAGE, RoutingInfo
 from flyfs.proto import common_pb2, storage_pb2
@@ -325,7 +326,7 @@ class StorageServer:
         try:
             await self._open_targets()
             self._server = await net.serve(self._handle, self._listen_host, self._listen_port,
-                                           buffers=self._buffers, inline=self._inline)
+                                           buffers=self._buffers, inline=self._inline, eager=True)
             await self._register()
             await self._refresh_routing(force=True)
             await self._heartbeat_once()
@@ -400,7 +401,13 @@ class StorageServer:
         (its connection dropped): a half-done update would leave a stuck pending version."""
         if self._stopping:
             return await coro
-        return await asyncio.shield(self._spawn(coro, name, quiet=True))
+        done, value = eager.start(asyncio.get_running_loop(), coro)   # (up to its first wait now)
+        if done:
+            return value
+        self._tasks.add(value)
+        value.set_name(f"storage-{name}")
+        value.add_done_callback(self._task_quiet_done)
+        return await asyncio.shield(value)
 
     async def _open_targets(self) -> None:
         idents = await asyncio.to_thread(lambda: [_read_identity(p) for p in self.data_dirs])

@@ -81,8 +81,10 @@ _READ_ONLY = frozenset({"getattr", "readdir", "opendir", "releasedir", "readlink
 _changes = [0]  # bumped before and after every other operation (stat-ahead results older are not used)
 # The kernel re-reads a directory's attributes after every change in it (FUSE drops them):
 # a create, mkdir, mknod, symlink, unlink, rmdir or rename answers that from the attributes it
-# returned itself, once, within AHEAD_TTL, and only while no other operation that may
-# change a directory has run through the mount.
+# returned itself, once, within DIR_AGE, and only while no other operation that may
+# change a directory has run through the mount. (The kernel re-reads at its next step in
+# that directory, within milliseconds; the answer then stays in its cache for attr_timeout.)
+DIR_AGE = 0.2
 _DIR_CHANGING = frozenset({"mknod", "mkdir", "unlink", "rmdir", "symlink", "rename", "link", "chmod",
                            "chown", "truncate", "utimens", "setxattr", "removexattr"})
 _dir_changes = [0]  # bumped before and after each of those (and each create)
@@ -409,7 +411,7 @@ class FlyFuse(fusepy.Fuse):
         if len(self._dirs_after) > 4096:
             self._dirs_after.clear()
         key = (user or self.who().user, path.rpartition("/")[0] or "/")
-        self._dirs_after[key] = (dir_after, seen, time.monotonic() + AHEAD_TTL)
+        self._dirs_after[key] = (dir_after, seen, time.monotonic() + DIR_AGE)
 
     # (each of these runs inside guard's bump of _dir_changes: + 1 is its value once it is done)
     @guard

@@ -335,6 +335,35 @@ async def test_directory_times_follow_entries(meta):
     assert (await meta.getattr(ALICE, d.ino)).mtime > old
 
 
+async def test_changes_return_their_directories_as_stored(meta):
+    """create/mkdir/mknod/symlink (with_dir), unlink, rmdir and rename return the
+    directories' attributes right after the change: exactly what a getattr then reads."""
+    d = await meta.mkdir(ALICE, ROOT_INO, "d")
+    e = await meta.mkdir(ALICE, ROOT_INO, "e")
+
+    async def same(got, ino):
+        assert got == await meta.getattr(ALICE, ino)
+
+    f, _, after = await meta.create(ALICE, d.ino, "f", 0o644, os.O_WRONLY, with_dir=True)
+    await same(after, d.ino)
+    assert after.mtime == after.ctime == f.ctime
+    assert (await meta.create(ALICE, d.ino, "f", 0o644, os.O_WRONLY, with_dir=True))[2] is None   # existed
+    sub, after = await meta.mkdir(ALICE, d.ino, "sub", with_dir=True)
+    await same(after, d.ino)
+    assert after.nlink == 3 and sub.is_dir
+    await same((await meta.mknod(ALICE, d.ino, "p", stat.S_IFIFO | 0o600, with_dir=True))[1], d.ino)
+    await same((await meta.symlink(ALICE, d.ino, "s", "f", with_dir=True))[1], d.ino)
+    await same(await meta.unlink(ALICE, d.ino, "p"), d.ino)
+    await same(await meta.rmdir(ALICE, d.ino, "sub"), d.ino)
+    src, dst = await meta.rename(ALICE, d.ino, "s", d.ino, "s2")
+    assert dst is None
+    await same(src, d.ino)
+    src, dst = await meta.rename(ALICE, d.ino, "f", e.ino, "f")
+    await same(src, d.ino)
+    await same(dst, e.ino)
+    assert await meta.rename(ALICE, e.ino, "f", e.ino, "f") == (None, None)    # nothing changes
+
+
 async def test_truncate_through_storage(meta):
     storage = meta.ctx.storage
     f, session = await meta.create(ALICE, ROOT_INO, "f", 0o644)

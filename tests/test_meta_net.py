@@ -110,6 +110,7 @@ async def counted(served):
     servicer = CountingServicer(svc)
     server = await start_net_server(servicer, "127.0.0.1", 0)
     client = MetaClient(server.address, user=ALICE)
+    client.coalesce = True      # (off by default)
     try:
         yield svc, client, servicer
     finally:
@@ -270,6 +271,7 @@ async def test_reconnects_and_retries_while_the_server_restarts(served):
     svc, c, server = served
     port = server.port
     client = MetaClient(server.address, user=ALICE, retries=8, timeout=10)
+    client.coalesce = True
     restarted = None
     try:
         assert (await client.getattr(ROOT_INO)).ino == ROOT_INO

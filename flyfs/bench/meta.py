@@ -12,10 +12,11 @@ on rocksdb and etcd, several ways:
 - grpc:     a `flyfs meta` process, one gRPC call per operation,
 - batch:    the same process, operations sent 32 to a gRPC Batch call,
 - net:      the same process, one call per operation over flyfs/net framing
-            (the same meta.proto messages; MetaClient("tcp://...") with coalesce off),
-- netauto:  flyfs/net as MetaClient does it by default: calls issued in the
-            same loop iteration (here by the concurrent clients) coalesced
-            into one Batch call,
+            (the same meta.proto messages; MetaClient("tcp://...") as it is by
+            default, coalesce off),
+- netauto:  flyfs/net with MetaClient.coalesce on: calls issued in the same
+            loop iteration (here by the concurrent clients) coalesced into one
+            Batch call,
 - netbatch: Batch calls of 32 over flyfs/net,
 
 so the gap between direct and grpc is the RPC cost, and batch/net show how

@@ -15,9 +15,10 @@ is the same meta.proto messages over the flyfs/net framing (the server's
 NodeInfo.data_address; see flyfs/metaserver/netserver.py), several times
 cheaper per call. `pick_meta_target(node_info)` chooses from mgmtd's routing
 info. Same methods, errors and retries either way; over flyfs/net each event
-loop (and each process, after fork) gets its own connection pool, and calls
-issued concurrently (in one loop iteration) go out as one Batch call
-(`MetaClient.coalesce`; measured in flyfs/bench/meta.py, mode netauto).
+loop (and each process, after fork) gets its own connection pool, and with
+`MetaClient.coalesce` calls issued concurrently (in one loop iteration) go
+out as one Batch call (off by default: slower here; flyfs/bench/meta.py, mode
+netauto against net).
 
 Retries: a call that cannot reach the server (UNAVAILABLE; over flyfs/net a
 refused, reset or lost connection) is retried with the same request uuid,
@@ -139,8 +140,10 @@ class MetaClient:
     #: flyfs/net only: calls issued in the same event-loop iteration (concurrent
     #: callers) that a Batch can carry go out as one Batch call. Each is still its
     #: own transaction with its own uuid, user and reply; concurrent calls had no
-    #: order among them anyway. False sends every call alone.
-    coalesce = True
+    #: order among them anyway. Off by default: since requests are handled eagerly
+    #: (flyfs.net.eager), 8 concurrent callers in one process do 1.1-2.5x more
+    #: operations per second sent alone (`flyfs bench meta`, modes net and netauto).
+    coalesce = False
 
     def __init__(self, target: str, *, user: Caller | None = None, client_id: str | None = None,
                  timeout: float = 30.0, retries: int = 5, cluster_id: str = "", failover=None,

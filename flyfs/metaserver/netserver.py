@@ -17,8 +17,9 @@ answers the method's reply with Status EBADMSG. A frame carrying a payload is
 a protocol error and drops that connection alone.
 
 Measured (`flyfs bench meta`, BENCHMARKS.md "Metadata"): ~3-4x less server
-CPU per call than gRPC; MetaClient also coalesces concurrent calls into Batch
-calls over this transport.
+CPU per call than gRPC. MetaClient can also coalesce concurrent calls into
+Batch calls over this transport (MetaClient.coalesce; off by default, as
+slower since requests are handled eagerly).
 
     server = await start_net_server(svc, "127.0.0.1", 0)    # server.address: tcp://127.0.0.1:PORT
     async with MetaClient(server.address) as c: ...

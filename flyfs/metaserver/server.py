@@ -26,6 +26,7 @@ import time
 import grpc
 
 from ..kv import KVError, open_engine
+from ..net import eager
 from ..proto import common_pb2, meta_pb2, meta_pb2_grpc
 from . import wire
 from .attrs import disk_space
@@ -247,7 +248,19 @@ class MetaServicer(meta_pb2_grpc.MetaServicer):
             bad = meta_pb2.EmptyReply(status=Status(code=errno.EINVAL,
                                                     message=f"a batch holds at most {MAX_BATCH} operations"))
             return meta_pb2.BatchReply(results=[meta_pb2.MetaResult(empty=bad)] * len(r.ops))
-        results = await asyncio.gather(*[one(op) for op in r.ops])
+        # Each op runs at once up to its first wait (net.eager): those that never wait (reads
+        # from a local KV) need no task; the others go on concurrently.
+        loop = asyncio.get_running_loop()
+        results, waiting = [], []
+        for op in r.ops:
+            done, value = eager.start(loop, one(op))
+            if not done:
+                waiting.append((len(results), value))
+                value = None
+            results.append(value)
+        if waiting:
+            for (i, _), result in zip(waiting, await asyncio.gather(*[t for _, t in waiting])):
+                results[i] = result
         return meta_pb2.BatchReply(results=results)
 
 

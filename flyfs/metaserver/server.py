@@ -52,6 +52,11 @@ def _error(e: BaseException) -> Status:
     return Status(code=errno.EIO, message=f"internal error: {type(e).__name__}: {e}")
 
 
+def _dir(node) -> meta_pb2.Attr | None:
+    """AttrReply.dir / EmptyReply.dir, new_dir: a directory's attributes, absent when not known."""
+    return None if node is None else wire.attr_msg(node)
+
+
 class MetaServicer(meta_pb2_grpc.MetaServicer):
     """Thin forwarder from gRPC to a MetaService."""
 
@@ -99,14 +104,14 @@ class MetaServicer(meta_pb2_grpc.MetaServicer):
             node, dir_after = await coro
         except Exception as e:
             return meta_pb2.AttrReply(status=_error(e))
-        return meta_pb2.AttrReply(attr=wire.attr_msg(node), dir=wire.attr_msg(dir_after))
+        return meta_pb2.AttrReply(attr=wire.attr_msg(node), dir=_dir(dir_after))
 
     async def _removed(self, coro) -> meta_pb2.EmptyReply:
         try:
             dir_after = await coro
         except Exception as e:
             return meta_pb2.EmptyReply(status=_error(e))
-        return meta_pb2.EmptyReply(dir=wire.attr_msg(dir_after)) if dir_after else meta_pb2.EmptyReply()
+        return meta_pb2.EmptyReply(dir=_dir(dir_after))
 
     async def Create(self, r, context=None):
         try:
@@ -114,10 +119,7 @@ class MetaServicer(meta_pb2_grpc.MetaServicer):
                                                              r.mode, r.flags, r.umask, with_dir=True)
         except Exception as e:
             return meta_pb2.AttrReply(status=_error(e))
-        reply = meta_pb2.AttrReply(attr=wire.attr_msg(node), session=session or b"")
-        if dir_after is not None:
-            reply.dir.CopyFrom(wire.attr_msg(dir_after))
-        return reply
+        return meta_pb2.AttrReply(attr=wire.attr_msg(node), session=session or b"", dir=_dir(dir_after))
 
     async def Mkdir(self, r, context=None):
         return await self._made(self.svc.mkdir(wire.caller_of(r.header), r.parent, r.name, r.mode, r.umask,
@@ -146,12 +148,7 @@ class MetaServicer(meta_pb2_grpc.MetaServicer):
                                                              r.old_name, r.new_parent, r.new_name, r.flags)
         except Exception as e:
             return meta_pb2.EmptyReply(status=_error(e))
-        reply = meta_pb2.EmptyReply()
-        if dir_after is not None:
-            reply.dir.CopyFrom(wire.attr_msg(dir_after))
-        if new_dir_after is not None:
-            reply.new_dir.CopyFrom(wire.attr_msg(new_dir_after))
-        return reply
+        return meta_pb2.EmptyReply(dir=_dir(dir_after), new_dir=_dir(new_dir_after))
 
     async def Readlink(self, r, context=None):
         try:

@@ -154,8 +154,8 @@ class Runtime:
 
         The loop runs it at once up to its first wait (flyfs.net.eager: no task
         for a call that never waits) and the caller waits on a plain lock: a
-        hop to the loop and back costs ~70 us here against ~115 us through
-        run_coroutine_threadsafe."""
+        hop to the loop and back costs 48–84 us here against 128–133 us through
+        run_coroutine_threadsafe (BENCHMARKS.md, "Eighth session")."""
         if self.in_loop_thread():
             coro.close()
             raise RuntimeError("flyfs: a blocking FileSystem call was made from the client's own event "

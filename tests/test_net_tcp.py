@@ -504,17 +504,23 @@ def test_bad_frame_drops_only_that_connection(run, caplog, bad):
     assert len(drops) == 1 and "\n" not in drops[0].getMessage()
 
 
+async def close_fails_a_held_call(svc: Service, server, pool) -> None:
+    """A SLOW call held in its handler when the server closes: the caller gets
+    TransportError and the handler is cancelled."""
+    held = asyncio.ensure_future(pool.call(server.address, SLOW, b"held"))
+    await svc.wait_slow(svc.slow_waiting + 1)
+    await server.close()
+    with pytest.raises(net.TransportError):
+        await held
+    assert svc.cancelled == 1
+
+
 def test_server_close_fails_calls_with_transport_error(run):
     async def body():
         svc = Service()
         server = await net.serve(svc)
         async with net.ConnectionPool(connect_timeout=2.0) as pool:
-            pending = asyncio.ensure_future(pool.call(server.address, SLOW, b"held"))
-            await svc.wait_slow(1)
-            await server.close()
-            with pytest.raises(net.TransportError):
-                await pending
-            assert svc.cancelled == 1
+            await close_fails_a_held_call(svc, server, pool)
             with pytest.raises(net.TransportError):
                 await pool.call(server.address, ECHO, b"after")
     run(body)
@@ -587,12 +593,7 @@ def test_eager_handlers_answer_without_a_task_and_go_on_in_one_when_they_wait(ru
             for when in (b"now", b"later"):
                 with pytest.raises(net.RemoteError, match="ValueError: boom " + when.decode()):
                     await pool.call(server.address, FAIL, when)
-            held = asyncio.ensure_future(pool.call(server.address, SLOW, b"held"))
-            await svc.wait_slow(2)
-            await server.close()
-            with pytest.raises(net.TransportError):
-                await held
-            assert svc.cancelled == 1
+            await close_fails_a_held_call(svc, server, pool)
         assert leaks == [], "a handler saw another request's context"
     run(body)
 

@@ -35,11 +35,14 @@ STRIPE = 3
 
 
 class FlyCluster:
-    """mgmtd + storage nodes + one metadata server (64 KiB chunks, stripe 3)."""
+    """mgmtd + storage nodes + one metadata server (64 KiB chunks, stripe 3; files of up to
+    `inline_max` bytes held by the metadata server, as `flyfs meta` does by default)."""
 
     def __init__(self, root, *, nodes: int = 3, targets_per_node: int = 2, replication: int = 2,
-                 processes: bool = False, chunk_size: int = CHUNK, stripe: int = STRIPE, kv: str | None = None):
+                 processes: bool = False, chunk_size: int = CHUNK, stripe: int = STRIPE, kv: str | None = None,
+                 inline_max: int = 4096):
         self.root = str(root)
+        self.inline_max = inline_max
         self.kv = kv or f"memory://meta-{uuid.uuid4().hex}"
         self.processes = processes
         self.chunk_size = chunk_size
@@ -76,7 +79,8 @@ class FlyCluster:
             self.meta_proc = Daemon("meta", [
                 "meta", "--kv", self.kv, "--listen", self.meta_address,
                 "--mgmtd", self.mgmtd_address, "--chunk-size", str(self.chunk_size), "--stripe",
-                str(self.stripe), "--root-mode", "1777", "--log-level", "WARNING"],
+                str(self.stripe), "--root-mode", "1777", "--inline-max", str(self.inline_max),
+                "--log-level", "WARNING"],
                 os.path.join(self.root, "logs", "meta.log")).start()
             import asyncio
             await asyncio.to_thread(wait_port, "127.0.0.1", self.meta_port, 60, self.meta_proc)
@@ -85,7 +89,8 @@ class FlyCluster:
         link = ClusterLink(self.mgmtd_address)
         engine = open_engine(self.kv)
         svc = MetaService(engine, storage=link.storage_ops, chain_table=link.chain_table, space=link.space,
-                          config=MetaConfig(default_chunk_size=self.chunk_size, default_stripe=self.stripe))
+                          config=MetaConfig(default_chunk_size=self.chunk_size, default_stripe=self.stripe,
+                                            inline_max=self.inline_max))
         await svc.format(root_mode=0o1777)
         server, _ = await start_server(svc, self.meta_address)
         net_server = await start_net_server(svc, "127.0.0.1", 0)
@@ -493,7 +498,8 @@ def test_fsync_makes_the_file_durable_on_every_replica(fly, fs):
 def test_closing_an_unwritten_file_does_not_wait_for_the_server(fly, fs):
     """creat() + close() of an empty file: the session ends through close_later() (batched,
     like FUSE's release), a written file's close waits for its length report, made by the
-    call that ends its session (no separate flush report)."""
+    call that ends its session (no separate flush report); a file small enough to be
+    inline needs no report at all (its write stamped the length)."""
     core = fs._core()
     waited: list = []
     meta = core._s.meta
@@ -509,12 +515,16 @@ def test_closing_an_unwritten_file_does_not_wait_for_the_server(fly, fs):
         with fs.open("/later-empty.bin", "wb"):
             pass
         with fs.open("/later-written.bin", "wb") as f:
-            f.write(b"x")
+            f.write(b"x" * (fly.inline_max + 1))
+        with fs.open("/later-inline.bin", "wb") as f:
+            f.write(b"y")
     finally:
         meta.close, meta.sync = real_close, real_sync
     empty, written = fs.stat("/later-empty.bin"), fs.stat("/later-written.bin")
+    small = fs.stat("/later-inline.bin")
     # the written file's close(): one metadata call, reporting the length as it ends the session
-    assert waited == [("close", written.st_ino)] and written.st_size == 1 and empty.st_size == 0
+    assert waited == [("close", written.st_ino)] and written.st_size == fly.inline_max + 1
+    assert empty.st_size == 0 and small.st_size == 1 and fs.read_bytes("/later-inline.bin") == b"y"
     svc = fly._meta[2]
     deadline = time.monotonic() + 10
     while fly.run(svc.list_sessions(empty.st_ino)):
@@ -568,7 +578,7 @@ def test_api_file_writes_are_write_behind_and_flush_waits_for_them(fly, fs):
     data_plane.write = failing
     try:
         f = fs.open("/behind-fails.bin", "wb", buffering=0)
-        f.write(b"x" * 1000)                      # buffered: no error yet
+        f.write(b"x" * (fly.inline_max + 1000))   # buffered: no error yet (and too big to be inline)
         with pytest.raises(OSError) as e:
             f.close()
         assert e.value.errno == errno.EIO

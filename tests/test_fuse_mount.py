@@ -167,6 +167,39 @@ def test_a_file_another_client_rewrote_is_read_afresh(mnt, d, fs):
     assert fs.read_bytes(api_path(mnt, p)) == b"Z" * 10 + b"C" * 4990
 
 
+def test_small_files_through_the_mount_are_inline_until_they_grow(mnt, d, fs, fly):
+    """Files of up to inline_max bytes are held by the metadata service (no chunk write):
+    rewritten by another client, read afresh at the next open; grown past the limit
+    through the mount, moved to chunks with every byte kept."""
+    from flyfs.metaserver import schema
+
+    def inline_key(path):
+        key = schema.inline_key(fs.stat(api_path(mnt, path)).st_ino)
+
+        async def fn(txn):
+            return await txn.get(key)
+        return fly.run(fly._meta[2].engine.transact(fn))
+
+    p = os.path.join(d, "small")
+    for i in range(3):
+        fs.write_bytes(api_path(mnt, p), bytes([65 + i]) * 3000)
+        with open(p, "rb") as f:
+            assert f.read() == bytes([65 + i]) * 3000
+    with open(p, "r+b") as f:
+        f.write(b"Z" * 10)
+    want = b"Z" * 10 + b"C" * 2990
+    with open(p, "rb") as f:
+        assert f.read() == want
+    assert fs.read_bytes(api_path(mnt, p)) == want and inline_key(p) is not None
+    with open(p, "ab") as f:
+        f.write(b"+" * 10000)
+    want += b"+" * 10000
+    assert inline_key(p) is None
+    with open(p, "rb") as f:
+        assert f.read() == want
+    assert fs.read_bytes(api_path(mnt, p)) == want and os.stat(p).st_size == len(want)
+
+
 def test_stat_ahead_after_a_listing_stays_right(mnt, d, fs):
     """`ls -l`: the stats after a listing are answered from attributes fetched a page at
     a time (stat-ahead); they are right, a change through the mount shows at once, and

@@ -334,6 +334,7 @@ class _LocalMeta:
     def __init__(self, svc, user: Caller):
         self._svc = svc
         self.user = user
+        self.inline_max = svc.config.inline_max
 
     def __getattr__(self, name: str):
         fn = getattr(self._svc, name)
@@ -353,11 +354,19 @@ class _InodeState:
     """What this client knows about a file it has open."""
 
     __slots__ = ("ino", "size", "unreported", "handles", "reported_at", "buffered", "inflight",
-                 "inflight_bytes", "error", "lock", "gen", "tlock")
+                 "inflight_bytes", "error", "lock", "gen", "tlock", "inline", "inline_size", "inline_max")
 
-    def __init__(self, ino: int, size: int):
+    def __init__(self, ino: int, size: int, inline: bytes | None = None, inline_max: int = 0):
         self.ino = ino
         self.size = size          # the length as far as this client knows (meta size, own writes, truncates)
+        # While the metadata service holds the file's data (flyfs/metaserver/inline.py): the bytes
+        # as of the open or our last inline write (zeros follow up to size), read from here;
+        # writes ending within inline_max go to the metadata service. None: the data is in chunks
+        # (for good: it only ever goes from bytes to None, never back). inline_size: the file
+        # size those bytes go with (another client's change of the size means new bytes too).
+        self.inline = inline
+        self.inline_size = size
+        self.inline_max = inline_max
         self.unreported = False   # size grew by writes not yet reported to the metadata service
         self.handles = 0
         self.reported_at = time.monotonic()
@@ -827,6 +836,8 @@ class AsyncFileSystem:
             # The truncation is reported; what this client wrote beyond it is gone.
             st.size = length
             st.unreported = False
+            if st.inline is not None:
+                st.inline, st.inline_size = st.inline[:length], length   # as the metadata service cut it
         self._saw(n)
         return n
 
@@ -1063,13 +1074,14 @@ class AsyncFileSystem:
             if flags & os.O_CREAT:
                 um = self._umask(umask)
                 try:
-                    node, session, dir_after = await self._in_parents([path], lambda parent, name: meta.create(
-                        parent, name, mode, flags, um, with_dir=True, user=self.who))
+                    node, session, dir_after, data = await self._in_parents([path], lambda parent, name: meta.create(
+                        parent, name, mode, flags, um, with_dir=True, with_inline=True, user=self.who))
                 except OSError as e:
                     if e.errno == errno.ELOOP and not flags & (os.O_EXCL | os.O_NOFOLLOW):
                         # An existing symlink: open what it points to (creating through it is not supported).
                         node = await self._node(path, True)
-                        node, session = await meta.open(node.ino, flags & ~(os.O_CREAT | os.O_EXCL), user=self.who)
+                        node, session, data = await meta.open(node.ino, flags & ~(os.O_CREAT | os.O_EXCL),
+                                                              with_inline=True, user=self.who)
                     else:
                         raise
             else:
@@ -1077,22 +1089,26 @@ class AsyncFileSystem:
                 # the name means now (close-to-open: another client may have renamed or
                 # replaced it since we last looked).
                 follow = not flags & os.O_NOFOLLOW
-                node, session = await self._from_dir(fspath(path), lambda rel, base: meta.open_path(
-                    rel, flags, base, follow, user=self.who))
+                node, session, data = await self._from_dir(fspath(path), lambda rel, base: meta.open_path(
+                    rel, flags, base, follow, with_inline=True, user=self.who))
         except OSError as e:
             if e.filename is not None:
                 raise
             raise _with_path(e, path) from None
-        h = self._register(node, flags, session, path)
+        h = self._register(node, flags, session, path, data)
         h.dir_after = dir_after
         return h
 
-    def _register(self, node: Inode, flags: int, session: bytes | None, path) -> Handle:
+    def _register(self, node: Inode, flags: int, session: bytes | None, path, inline: bytes | None = None) -> Handle:
         st = self._s.files.get(node.ino)
         if st is None:
-            st = self._s.files[node.ino] = _InodeState(node.ino, node.size)
-        elif not st.unreported:
-            st.size = node.size
+            st = self._s.files[node.ino] = _InodeState(node.ino, node.size, inline,
+                                                        getattr(self._s.meta, "inline_max", 0))
+        else:
+            if not st.unreported:
+                st.size = node.size
+            if inline is None or not (st.buffered or st.inflight or st.unreported):
+                self._set_inline(st, inline, node.size)
         if flags & os.O_TRUNC:
             st.size = 0
             st.unreported = False
@@ -1103,6 +1119,53 @@ class AsyncFileSystem:
         if session is not None:
             self._start_reporter()
         return h
+
+    @staticmethod
+    def _set_inline(st: _InodeState, data: bytes | None, size: int) -> None:
+        """Newer inline bytes (and the size they go with), or None once the data is in chunks
+        (never back to bytes: an answer older than a spill must not bring back what the
+        chunks replaced)."""
+        if st.inline is not None:
+            st.inline, st.inline_size = data, size
+
+    async def _fresh_inline(self, h: Handle) -> None:
+        """The inline bytes again, with the size, when the size known no longer matches them
+        (another client changed the file since we got them)."""
+        st = h.state
+        try:
+            n, data = await self._s.meta.read_inline(h.ino, user=self.who)
+        except OSError as e:
+            raise _with_path(e, h.path) from None
+        h.node, h.node_at = n, time.monotonic()
+        if not (st.buffered or st.inflight or st.unreported):
+            self._set_inline(st, data, n.size)
+            st.size = n.size
+
+    @staticmethod
+    def _read_inline(st: _InodeState, data: bytes, offset: int, mv: memoryview) -> None:
+        part = data[offset:offset + len(mv)]
+        mv[:len(part)] = part
+        if len(part) < len(mv):
+            mv[len(part):] = bytes(len(mv) - len(part))   # zeros up to the size
+
+    async def _write_data(self, h: Handle, offset: int, mv: memoryview) -> bool:
+        """Write bytes of the file: through the metadata service while it holds the file's
+        data and the write ends within its inline_max (True: that write also stamped mtime
+        and the length), else to the chunks (False), moving the data there first."""
+        st = h.state
+        if st.inline is not None:
+            meta = self._s.meta
+            if offset + len(mv) <= st.inline_max and h.session is not None:
+                node, data = await meta.write_inline(h.ino, h.session, [(offset, bytes(mv))], user=h.who)
+                if data is not None:
+                    self._set_inline(st, data, node.size)
+                    self._saw(node)
+                    return True
+            else:
+                await meta.spill(h.ino, user=h.who)
+            st.inline = None
+        await self._s.data.write(h.ino, h.layout, offset, mv)
+        return False
 
     def _check_open(self, h: Handle) -> None:
         if h.closed:
@@ -1162,7 +1225,8 @@ class AsyncFileSystem:
         if h.session is not None:
             await self.drain(h)
         try:  # also for a read-only handle: fsync(2) syncs the file, whoever wrote it
-            await self._s.data.flush(h.ino, h.layout)
+            if h.state.inline is None:   # (inline: the length report below syncs the data too)
+                await self._s.data.flush(h.ino, h.layout)
         except OSError as e:
             raise _with_path(e, h.path) from None
         if h.session is not None:
@@ -1263,7 +1327,12 @@ class AsyncFileSystem:
         if want_end > st.size and not st.unreported and \
                 (fresh or time.monotonic() - h.node_at > self._s.config.size_revalidate):
             try:
-                n = await self._s.meta.getattr(h.ino, user=self.who)
+                if st.inline is not None:  # the bytes come with the new size
+                    n, data = await self._s.meta.read_inline(h.ino, user=self.who)
+                    if not (st.buffered or st.inflight or st.unreported):
+                        self._set_inline(st, data, n.size)
+                else:
+                    n = await self._s.meta.getattr(h.ino, user=self.who)
             except OSError as e:
                 raise _with_path(e, h.path) from None
             h.node, h.node_at = n, time.monotonic()
@@ -1284,8 +1353,15 @@ class AsyncFileSystem:
         if h.state.buffered or h.state.inflight:
             await self.drain(h)
         size = await self._known_size(h, offset + len(mv))
+        if h.state.inline is not None and h.state.inline_size != size:
+            await self._fresh_inline(h)
+            size = h.state.size
         n = max(0, min(len(mv), size - offset))
         if n:
+            data = h.state.inline
+            if data is not None:
+                self._read_inline(h.state, data, offset, mv[:n])
+                return n
             try:
                 await self._s.data.read(h.ino, h.layout, offset, mv[:n])
             except OSError as e:
@@ -1309,6 +1385,12 @@ class AsyncFileSystem:
         n = max(0, min(len(mv), size - offset))
         if not n:
             return 0
+        data = st.inline
+        if data is not None:
+            if st.inline_size != size:
+                return None    # another client's change: pread_into gets the bytes again
+            self._read_inline(st, data, offset, mv[:n])
+            return n
         direct = getattr(self._s.data, "read_direct", None)
         if direct is None or not direct(h.ino, h.layout, offset, mv[:n]):
             return None
@@ -1343,12 +1425,15 @@ class AsyncFileSystem:
             return 0
         st.gen += 1
         try:
-            await self._s.data.write(h.ino, h.layout, offset, mv)
+            reported = await self._write_data(h, offset, mv)
         except OSError as e:
             raise _with_path(e, h.path) from None
         finally:
             st.gen += 1  # a read-ahead that raced the write is not served
         end = offset + len(mv)
+        if reported:   # the inline write stamped mtime and the length itself
+            st.size = max(st.size, end)
+            return len(mv)
         h.wrote = True
         if end > st.size:
             st.size = end
@@ -1459,7 +1544,14 @@ class AsyncFileSystem:
     async def _write_after(self, deps, h: Handle, off: int, wb: bytearray) -> None:
         if deps:
             await asyncio.wait(deps)
-        await self._s.data.write(h.ino, h.layout, off, memoryview(wb))
+        if await self._write_data(h, off, memoryview(wb)):
+            # That write stamped mtime and the length: unless more writes of the file are
+            # pending here, nothing is left to report.
+            st, me = h.state, asyncio.current_task()
+            with st.tlock:
+                if not st.buffered and all(t is me for t in st.inflight) and st.error is None:
+                    h.wrote = False
+                    st.unreported = False
 
     async def drain(self, h: Handle) -> None:
         """Wait until every buffered or in-flight write of the handle's file is on the
@@ -1506,9 +1598,15 @@ class AsyncFileSystem:
                 await self.drain(h)
             mv = memoryview(buf).cast("B")
             size = await self._known_size(h, offset + len(mv))
+            if h.state.inline is not None and h.state.inline_size != size:
+                await self._fresh_inline(h)
+                size = h.state.size
             n = max(0, min(len(mv), size - offset))
             lengths.append(n)
-            if n:
+            data = h.state.inline
+            if n and data is not None:
+                self._read_inline(h.state, data, offset, mv[:n])
+            elif n:
                 plan.append((h.ino, h.layout, offset, mv[:n]))
         if plan:
             await self._s.data.read_many(plan)

@@ -144,6 +144,7 @@ class MetaClient:
     #: (flyfs.net.eager), 8 concurrent callers in one process do 1.1-2.5x more
     #: operations per second sent alone (`flyfs bench meta`, modes net and netauto).
     coalesce = False
+    inline_max = 0     # the server's (from its last create/open/inline reply): see read_inline
 
     def __init__(self, target: str, *, user: Caller | None = None, client_id: str | None = None,
                  timeout: float = 30.0, retries: int = 5, cluster_id: str = "", failover=None,
@@ -459,22 +460,31 @@ class MetaClient:
     async def _attr(self, method: str, build, user) -> Inode:
         return wire.inode_of((await self._call(method, build, user)).attr)
 
-    async def _opened(self, method: str, build, user) -> tuple[Inode, bytes | None]:
+    def _inline_of(self, r) -> bytes | None:
+        """AttrReply.inline (None: the data is in chunks); notes the server's inline_max."""
+        self.inline_max = r.inline_max
+        return r.inline if r.HasField("inline") else None
+
+    async def _opened(self, method: str, build, user, with_inline: bool = False) -> tuple:
         r = await self._call(method, build, user)
-        return wire.inode_of(r.attr), r.session or None
+        out = wire.inode_of(r.attr), r.session or None
+        return out + (self._inline_of(r),) if with_inline else out
 
     # ---- names -------------------------------------------------------------------
     async def lookup(self, parent: int, name, *, user: Caller | None = None) -> Inode:
         return await self._attr("Lookup", lambda h: pb.LookupReq(header=h, parent=parent, name=_b(name)), user)
 
     async def create(self, parent: int, name, mode: int = 0o666, flags: int = os.O_RDWR, umask: int = 0,
-                     *, with_dir: bool = False, user: Caller | None = None) -> tuple:
+                     *, with_dir: bool = False, with_inline: bool = False, user: Caller | None = None) -> tuple:
         """(attributes, write session or None); with `with_dir` also the directory's attributes
-        right after a new file went in (None: the file existed, or the server does not say)."""
+        right after a new file went in (None: the file existed, or the server does not say);
+        with `with_inline` last the file's data while the server holds it (else None)."""
         r = await self._call("Create", lambda h: pb.CreateReq(
             header=h, parent=parent, name=_b(name), mode=mode, flags=flags, umask=umask), user)
-        node, session = wire.inode_of(r.attr), r.session or None
-        return (node, session, _dir_of(r)) if with_dir else (node, session)
+        out = wire.inode_of(r.attr), r.session or None
+        if with_dir:
+            out += (_dir_of(r),)
+        return out + (self._inline_of(r),) if with_inline else out
 
     async def _made(self, method: str, build, user, with_dir: bool):
         """The new entry's attributes; with `with_dir`, (them, the directory's right after or None)."""
@@ -598,14 +608,37 @@ class MetaClient:
         await self._call("RemoveXattr", lambda h: pb.XattrReq(header=h, ino=ino, name=_b(name)), user)
 
     # ---- files -------------------------------------------------------------------------------
-    async def open(self, ino: int, flags: int, *, user: Caller | None = None) -> tuple[Inode, bytes | None]:
-        return await self._opened("Open", lambda h: pb.OpenReq(header=h, ino=ino, flags=flags), user)
+    # with_inline (open, open_path): a third item, the file's data while the server holds it, else None
+    async def open(self, ino: int, flags: int, *, with_inline: bool = False, user: Caller | None = None) -> tuple:
+        return await self._opened("Open", lambda h: pb.OpenReq(header=h, ino=ino, flags=flags), user,
+                                  with_inline)
 
     async def open_path(self, path, flags: int, base: int = ROOT_INO, follow: bool = True, *,
-                        user: Caller | None = None) -> tuple[Inode, bytes | None]:
+                        with_inline: bool = False, user: Caller | None = None) -> tuple:
         """Open what `path` names (from directory `base`), resolved and opened in one call."""
         return await self._opened("Open", lambda h: pb.OpenReq(header=h, path=_b(path), flags=flags,
-                                                               base=base, follow=follow), user)
+                                                               base=base, follow=follow), user, with_inline)
+
+    # ---- small files' data held by the metadata service (flyfs/metaserver/inline.py) --------------
+    async def read_inline(self, ino: int, *, user: Caller | None = None) -> tuple[Inode, bytes | None]:
+        """(attributes, the file's data while the server holds it, else None)."""
+        r = await self._call("Inline", lambda h: pb.InlineReq(header=h, ino=ino, op=pb.InlineReq.READ), user)
+        return wire.inode_of(r.attr), self._inline_of(r)
+
+    async def write_inline(self, ino: int, session: bytes, writes, *, durable: bool = False,
+                           user: Caller | None = None) -> tuple[Inode, bytes | None]:
+        """Apply (offset, bytes) writes to a file whose data the server holds: (attributes,
+        the data after), or data None: it does not (any more), nothing was written."""
+        r = await self._call("Inline", lambda h: pb.InlineReq(
+            header=h, ino=ino, op=pb.InlineReq.WRITE, session=session, durable=durable,
+            writes=[pb.InlineWrite(offset=off, data=bytes(d)) for off, d in writes]), user)
+        return wire.inode_of(r.attr), self._inline_of(r)
+
+    async def spill(self, ino: int, *, user: Caller | None = None) -> Inode:
+        """Have the server move a file's data to chunks (before writing chunks)."""
+        r = await self._call("Inline", lambda h: pb.InlineReq(header=h, ino=ino, op=pb.InlineReq.SPILL), user)
+        self._inline_of(r)
+        return wire.inode_of(r.attr)
 
     def _close_req(self, h, ino, session, length, wrote, durable=False):
         r = pb.CloseReq(header=h, ino=ino, session=session or b"", wrote=wrote, durable=durable)

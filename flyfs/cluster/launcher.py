@@ -79,7 +79,7 @@ class LocalCluster:
     def __init__(self, data_dir: str, storage_nodes: int = 3, targets_per_node: int = 2,
                  replicas: int = 3, chunk_size: int = 4 << 20, kv: str = "rocksdb",
                  mount: str | None = None, host: str = "127.0.0.1", heartbeat_timeout: float | None = None,
-                 sync_writes: bool = False):
+                 sync_writes: bool = False, inline_max: int | None = None):
         if replicas > storage_nodes:
             raise ValueError(f"--replicas {replicas} needs at least {replicas} storage nodes, got {storage_nodes}")
         from ..metaserver.layout import MAX_CHUNK, MIN_CHUNK
@@ -97,6 +97,10 @@ class LocalCluster:
         self.host = host
         self.heartbeat_timeout = heartbeat_timeout
         self.sync_writes = sync_writes
+        if inline_max is not None:
+            from ..metaserver.inline import check_inline_max
+            check_inline_max(inline_max)
+        self.inline_max = inline_max   # None: the metadata server's default
         self.daemons: dict[str, Daemon] = {}
         self.ports: dict[str, int] = {}
 
@@ -158,7 +162,8 @@ class LocalCluster:
         meta = self._daemon("meta", ["meta", "--kv", self._kv_url("meta"), "--mgmtd", self.mgmtd_address,
                                      "--listen", f"{self.host}:{self.ports['meta']}",
                                      "--chunk-size", str(self.chunk_size)]
-                            + (["--sync-commits"] if self.sync_writes else []))
+                            + (["--sync-commits"] if self.sync_writes else [])
+                            + (["--inline-max", str(self.inline_max)] if self.inline_max is not None else []))
         wait_port(self.host, self.ports["meta"], _left(deadline), meta)
         # Clients find the metadata server in the routing info: wait for its registration.
         while not any(n.type == mgmtd_pb2.NODE_META and n.alive for n in self.routing().nodes):
@@ -279,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
                          "commit before acknowledging it (default: replicas hold updates in memory, "
                          "disks are synced every 5 s and on fsync, as 3FS does; metadata commits "
                          "are synced within 0.1 s and on fsync)")
+    ap.add_argument("--inline-max", type=parse_size, default=None,
+                    help="new files keep up to this many bytes in the metadata store instead of chunks "
+                         "(default 4KiB; 0: off)")
     ap.add_argument("--heartbeat-timeout", type=float, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     mount = None if args.no_mount else (args.mount or os.path.join(os.path.dirname(
@@ -286,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cluster = LocalCluster(args.data_dir, args.storage_nodes, args.targets_per_node, args.replicas,
                                args.chunk_size, args.kv, mount, args.host, args.heartbeat_timeout,
-                               sync_writes=args.sync_writes)
+                               sync_writes=args.sync_writes, inline_max=args.inline_max)
     except ValueError as e:
         print(f"flyfs up: {e}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import stat
 
+from . import inline
 from . import schema as s
 from .common import Ctx, load_full, maybe_await, put, put_dir
 from .errors import (NAME_MAX, check_id, check_ino, check_perm_bits, check_size, check_time,
@@ -125,18 +126,29 @@ async def setattr(ctx: Ctx, who: Caller, ino: int, *, mode: int | None = None,
             n = n.with_(ctime=now)
         return node, n
 
+    in_kv = False   # an inline file (inline.py): its data is cut in the transaction itself
     if size is not None:
-        old, _ = await ctx.transact(compute)  # dry run: every check, nothing written
-        if ctx.storage is not None and old.is_reg:
+        async def dry_run(txn):  # every check, nothing written
+            old, _ = await compute(txn)
+            return old, old.is_reg and await inline.load(txn, ino) is not None
+
+        old, in_kv = await ctx.transact(dry_run)
+        if ctx.storage is not None and old.is_reg and not in_kv:
             await ctx.storage.truncate(ino, old.layout, size)
 
     async def fn(txn):
         old, new = await compute(txn)
+        if size is not None and new.is_reg and await inline.trim(txn, ino, size) != in_kv:
+            return None   # its data moved to chunks since the dry run: cut them first
         if new != old:
             (put_dir if new.is_dir else put)(txn, new)
         return new
 
-    return await ctx.transact(fn)
+    while (new := await ctx.transact(fn)) is None:
+        in_kv = False
+        if ctx.storage is not None:
+            await ctx.storage.truncate(ino, old.layout, size)
+    return new
 
 
 async def truncate(ctx: Ctx, who: Caller, ino: int, length: int, session: bytes | None = None) -> Inode:

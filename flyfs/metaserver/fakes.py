@@ -69,6 +69,10 @@ class FakeStorageOps:
             elif start + len(self.chunks[(i, idx)]) > length:
                 del self.chunks[(i, idx)][length - start:]
 
+    async def write_data(self, inode: int, layout: Layout, offset: int, data: bytes) -> None:
+        self._maybe_fail("write_data", inode)
+        self.write(inode, layout, offset, data)
+
     async def remove_chunks(self, inode: int, layout: Layout) -> int:
         self._maybe_fail("remove_chunks", inode)
         keys = [k for k in self.chunks if k[0] == inode]

@@ -16,7 +16,7 @@ import struct
 from dataclasses import dataclass
 
 from . import schema as s
-from .common import Ctx, has_sessions, remove_inode
+from .common import GET_MANY_CHUNK, Ctx, has_sessions, remove_inode
 from .sessions import expire_sessions
 
 log = logging.getLogger("flyfs.meta")
@@ -46,13 +46,22 @@ async def collect(ctx: Ctx, report: GcReport, limit: int, after: bytes | None = 
     async def scan(txn):
         b, e = (after + b"\x00") if after else s.P_GC, s.prefix_end(s.P_GC)
         keys = [k async for k, _ in txn.snapshot_get_range(b, e, limit=limit)]
-        raws = await txn.get_many([s.inode_key(s.ino_of(k)) for k in keys], snapshot=True)
+        inos = [s.ino_of(k) for k in keys]
+        want = [k for ino in inos for k in (s.inode_key(ino), s.inline_key(ino))]
+        raws = []
+        for i in range(0, len(want), GET_MANY_CHUNK):
+            raws += await txn.get_many(want[i:i + GET_MANY_CHUNK], snapshot=True)
         return keys, raws
 
     keys, raws = await ctx.transact(scan)
     report.resume = keys[-1] if len(keys) == limit else None
-    queued = [(ino, None if raw is None else s.decode_inode(ino, raw))
-              for ino, raw in zip((s.ino_of(k) for k in keys), raws)]
+    queued = []
+    for i, ino in enumerate(s.ino_of(k) for k in keys):
+        raw, inline = raws[2 * i], raws[2 * i + 1]
+        node = None if raw is None else s.decode_inode(ino, raw)
+        if inline is not None and s.decode_inline(inline)[0] == 0:
+            node = None  # inline and never spilled: no chunk anywhere
+        queued.append((ino, node))
     if not queued:
         return
     gate = asyncio.Semaphore(_STORAGE_CONCURRENCY)
@@ -86,7 +95,7 @@ async def collect(ctx: Ctx, report: GcReport, limit: int, after: bytes | None = 
             if s.decode_inode(ino, raw).nlink > 0 or await has_sessions(txn, ino):
                 log.error("GC: inode %d was queued but is still linked or open; not deleting", ino)
                 continue
-            remove_inode(txn, ino)
+            await remove_inode(txn, ino)
             deleted += 1
         return deleted
 

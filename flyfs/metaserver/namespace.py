@@ -277,7 +277,7 @@ async def rmdir(ctx: Ctx, who: Caller, parent: int, name) -> Inode | None:
             raise fail(errno.ENOTEMPTY, f"directory {b!r} is not empty")
         now = ctx.now()
         txn.clear(s.dentry_key(parent, b))
-        remove_inode(txn, ino)
+        await remove_inode(txn, ino)
         p = p.with_(nlink=max(p.nlink - 1, 2), mtime=now, ctime=now)
         put_dir(txn, p)
         record_done(txn, who, OP_RMDIR, now)
@@ -406,7 +406,7 @@ async def rename(ctx: Ctx, who: Caller, old_parent: int, old_name, new_parent: i
         else:
             if dst_node is not None:
                 if dst_dir:
-                    remove_inode(txn, dst_node.ino)
+                    await remove_inode(txn, dst_node.ino)
                     nlink_delta[new_parent] -= 1
                 else:
                     await drop_link(txn, dst_node, now)

@@ -26,6 +26,8 @@ still sit together (the parent id is a fixed prefix).
     ME <done:u64be ns> <uuid>              expiry index of MR records (big-endian time so a
                                            range read finds the old ones)
     MX <ino:u64le> <name>                  extended attribute value
+    MF <ino:u64le>                         a small file's data held here instead of in
+                                           chunks: <spill:i64 ns> <data> (see INLINE)
 
 All integers are little-endian (struct ``<``) except the ME time, which is
 big-endian so keys sort by time. Times are signed 64-bit seconds plus
@@ -39,6 +41,17 @@ INODE struct (version 1), ``<BIIIIQqIqIqIQQIIIIH`` then variable parts:
     u64 rdev, u64 parent (directories: the parent directory; others 0),
     u32 chunk_size, u32 stripe, u32 chain_table_version, u32 seed, u16 nchains,
     nchains x u32 chain id, then the symlink target (rest of the value).
+
+INLINE: a regular file created while the server's ``inline_max`` is set gets
+an MF key (empty data). While the key exists the file's bytes are its data
+followed by zeros up to the inode's size, and no chunk of it is authoritative;
+writes that end within ``inline_max`` change the data in the transaction that
+stamps mtime and the length (flyfs/metaserver/inline.py). A write beyond it
+first moves the data to chunk 0 ("spill", by a metadata server: it takes the
+spill lease, writes the data to storage, then deletes the key if the data did
+not change meanwhile). ``spill`` is 0 while no spill ever started (no chunk can
+exist: unlink frees the inode at once), else the end of the current spiller's
+lease. A file never becomes inline again once spilled.
 
 Directories keep their layout (chunk size, stripe) for new children; files
 record the chains they were given at create time (``Layout.chain_of``).
@@ -70,6 +83,7 @@ P_GC = b"MG"
 P_IDEM = b"MR"
 P_IDEM_EXPIRY = b"ME"
 P_XATTR = b"MX"
+P_INLINE = b"MF"
 
 K_NEXT_INO = P_COUNTER + b"next_ino"
 K_DIRMOVE = P_COUNTER + b"dirmove"
@@ -150,6 +164,19 @@ def idem_expiry_key(done_ns: int, uuid: bytes) -> bytes:
 
 def xattr_key(ino: int, name: bytes) -> bytes:
     return P_XATTR + _U64.pack(ino) + name
+
+
+def inline_key(ino: int) -> bytes:
+    return P_INLINE + _U64.pack(ino)
+
+
+def encode_inline(spill: int, data: bytes) -> bytes:
+    return _I64.pack(spill) + data
+
+
+def decode_inline(raw: bytes) -> tuple[int, bytes]:
+    """(spill, data) of an MF value: spill 0 = never spilled, else a spill lease's end (ns)."""
+    return _I64.unpack_from(raw)[0], bytes(raw[8:])
 
 
 def xattr_range(ino: int) -> tuple[bytes, bytes]:

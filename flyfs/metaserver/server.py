@@ -28,7 +28,7 @@ import grpc
 from ..kv import KVError, open_engine
 from ..net import eager
 from ..proto import common_pb2, meta_pb2, meta_pb2_grpc
-from . import wire
+from . import inline, wire
 from .attrs import disk_space
 from .common import MetaConfig
 from .layout import ChainTable, static_chain_table
@@ -40,6 +40,7 @@ log = logging.getLogger("flyfs.meta")
 
 Status = common_pb2.Status
 MAX_BATCH = 1024
+INLINE_MAX_DEFAULT = 4096   # a page: as CephFS's client_max_inline_size
 
 
 def _error(e: BaseException) -> Status:
@@ -72,10 +73,11 @@ class MetaServicer(meta_pb2_grpc.MetaServicer):
 
     async def _opened(self, coro) -> meta_pb2.AttrReply:
         try:
-            node, session = await coro
+            node, session, data = await coro
         except Exception as e:
             return meta_pb2.AttrReply(status=_error(e))
-        return meta_pb2.AttrReply(attr=wire.attr_msg(node), session=session or b"")
+        return meta_pb2.AttrReply(attr=wire.attr_msg(node), session=session or b"", inline=data,
+                                  inline_max=self.svc.config.inline_max)
 
     async def _empty(self, coro) -> meta_pb2.EmptyReply:
         try:
@@ -115,11 +117,13 @@ class MetaServicer(meta_pb2_grpc.MetaServicer):
 
     async def Create(self, r, context=None):
         try:
-            node, session, dir_after = await self.svc.create(wire.caller_of(r.header), r.parent, r.name,
-                                                             r.mode, r.flags, r.umask, with_dir=True)
+            node, session, dir_after, data = await self.svc.create(
+                wire.caller_of(r.header), r.parent, r.name, r.mode, r.flags, r.umask, with_dir=True,
+                with_inline=True)
         except Exception as e:
             return meta_pb2.AttrReply(status=_error(e))
-        return meta_pb2.AttrReply(attr=wire.attr_msg(node), session=session or b"", dir=_dir(dir_after))
+        return meta_pb2.AttrReply(attr=wire.attr_msg(node), session=session or b"", dir=_dir(dir_after),
+                                  inline=data, inline_max=self.svc.config.inline_max)
 
     async def Mkdir(self, r, context=None):
         return await self._made(self.svc.mkdir(wire.caller_of(r.header), r.parent, r.name, r.mode, r.umask,
@@ -197,8 +201,25 @@ class MetaServicer(meta_pb2_grpc.MetaServicer):
     async def Open(self, r, context=None):
         if r.HasField("path"):
             return await self._opened(self.svc.open_path(wire.caller_of(r.header), r.path, r.flags,
-                                                         r.base or 1, r.follow))
-        return await self._opened(self.svc.open(wire.caller_of(r.header), r.ino, r.flags))
+                                                         r.base or 1, r.follow, with_inline=True))
+        return await self._opened(self.svc.open(wire.caller_of(r.header), r.ino, r.flags, with_inline=True))
+
+    async def Inline(self, r, context=None):
+        who = wire.caller_of(r.header)
+        try:
+            if r.op == meta_pb2.InlineReq.READ:
+                node, data = await self.svc.read_inline(who, r.ino)
+            elif r.op == meta_pb2.InlineReq.WRITE:
+                node, data = await self.svc.write_inline(who, r.ino, r.session,
+                                                         [(w.offset, w.data) for w in r.writes],
+                                                         durable=r.durable)
+            elif r.op == meta_pb2.InlineReq.SPILL:
+                node, data = await self.svc.spill(who, r.ino), None
+            else:
+                raise OSError(errno.EINVAL, f"unknown inline operation {r.op}")
+        except Exception as e:
+            return meta_pb2.AttrReply(status=_error(e))
+        return meta_pb2.AttrReply(attr=wire.attr_msg(node), inline=data, inline_max=self.svc.config.inline_max)
 
     async def Close(self, r, context=None):
         return await self._attr(self.svc.close(wire.caller_of(r.header), r.ino, r.session or None,
@@ -295,6 +316,9 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
                         "the OS has it, sync within --sync-interval, fsync's report at once)")
     p.add_argument("--sync-interval", type=float, default=MetaConfig.sync_interval,
                    help="seconds within which an answered commit is synced to disk")
+    p.add_argument("--inline-max", type=int, default=int(env("FLYFS_META_INLINE_MAX", INLINE_MAX_DEFAULT)),
+                   help="new files keep up to this many bytes in the KV instead of chunks (a small file "
+                        "costs no chunk write; 0: off; at most 65536; default %(default)s) [FLYFS_META_INLINE_MAX]")
     p.add_argument("--chunk-size", type=int, default=MetaConfig.default_chunk_size, help="root directory chunk size")
     p.add_argument("--stripe", type=int, default=MetaConfig.default_stripe, help="root directory stripe width")
     p.add_argument("--root-mode", type=lambda x: int(x, 8), default=0o755, help="mode of a new root directory (octal)")
@@ -317,7 +341,8 @@ async def serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--sync-interval must be > 0, got {args.sync_interval}")
     config = MetaConfig(default_chunk_size=args.chunk_size, default_stripe=args.stripe,
                         gc_interval=args.gc_interval, sync_commits=args.sync_commits,
-                        sync_interval=args.sync_interval)
+                        sync_interval=args.sync_interval,
+                        inline_max=inline.check_inline_max(args.inline_max))
     engine = open_engine(args.kv)
     cluster = ClusterLink(args.mgmtd) if args.mgmtd else None
     if chains:

@@ -24,7 +24,7 @@ import time
 from typing import AsyncIterator, Callable
 
 from ..kv import Engine
-from . import attrs, dirs, gc, layout, namespace, sessions, xattr
+from . import attrs, dirs, gc, inline, layout, namespace, sessions, xattr
 from . import schema as s
 from .common import Ctx, MetaConfig, put
 from .errors import check_id, fail
@@ -49,6 +49,7 @@ class MetaService:
                  config: MetaConfig | None = None, clock: Callable[[], int] = time.time_ns):
         self.engine = engine
         self.config = config or MetaConfig()
+        inline.check_inline_max(self.config.inline_max)
         if not self.config.sync_commits:
             # Commits acknowledged once in the OS, synced within sync_interval (or at
             # once for an fsync): as a local file system's journal does.
@@ -95,10 +96,11 @@ class MetaService:
         return await namespace.lookup(self.ctx, who, parent, name)
 
     async def create(self, who: Caller, parent: int, name, mode: int = 0o666, flags: int = os.O_RDWR,
-                     umask: int = 0, with_dir: bool = False) -> tuple:
+                     umask: int = 0, with_dir: bool = False, with_inline: bool = False) -> tuple:
         """Create (and open) a regular file; returns (attributes, write session or None), and
-        with `with_dir` the directory's attributes after a new file went in (else None)."""
-        return await sessions.create(self.ctx, who, parent, name, mode, flags, umask, with_dir)
+        with `with_dir` the directory's attributes after a new file went in (else None), with
+        `with_inline` last the file's data while it is inline (else None)."""
+        return await sessions.create(self.ctx, who, parent, name, mode, flags, umask, with_dir, with_inline)
 
     # with_dir (mkdir, mknod, symlink): (the new inode, its directory's attributes right after)
     async def mkdir(self, who: Caller, parent: int, name, mode: int = 0o777, umask: int = 0,
@@ -186,13 +188,30 @@ class MetaService:
         return await xattr.removexattr(self.ctx, who, ino, name)
 
     # ---- files: open/close, sessions, length -------------------------------------------------
-    async def open(self, who: Caller, ino: int, flags: int) -> tuple[Inode, bytes | None]:
-        return await sessions.open(self.ctx, who, ino, flags)
+    # with_inline (open, open_path): a third item, the file's data while it is inline, else None
+    async def open(self, who: Caller, ino: int, flags: int, with_inline: bool = False) -> tuple:
+        return await sessions.open(self.ctx, who, ino, flags, with_inline=with_inline)
 
     async def open_path(self, who: Caller, path, flags: int, base: int = ROOT_INO,
-                        follow: bool = True) -> tuple[Inode, bytes | None]:
+                        follow: bool = True, with_inline: bool = False) -> tuple:
         """open() of what `path` names now: resolved and opened in one transaction."""
-        return await sessions.open(self.ctx, who, 0, flags, path=path, base=base, follow=follow)
+        return await sessions.open(self.ctx, who, 0, flags, path=path, base=base, follow=follow,
+                                   with_inline=with_inline)
+
+    # ---- small files' data in the KV (inline.py) --------------------------------------------
+    async def read_inline(self, who: Caller, ino: int) -> tuple[Inode, bytes | None]:
+        """(attributes, the file's data while it is inline, else None)."""
+        return await inline.read(self.ctx, who, ino)
+
+    async def write_inline(self, who: Caller, ino: int, session: bytes, writes, *,
+                           durable: bool = False) -> tuple[Inode, bytes | None]:
+        """Apply (offset, bytes) writes to an inline file: (attributes, its data), or data
+        None: not inline (any more), nothing written, write to chunks."""
+        return await inline.write(self.ctx, who, ino, session, writes, durable=durable)
+
+    async def spill(self, who: Caller, ino: int) -> Inode:
+        """Move an inline file's data to chunks (before chunk writes); its attributes."""
+        return await inline.spill(self.ctx, who, ino)
 
     async def close(self, who: Caller, ino: int, session: bytes | None = None,
                     length: int | None = None, wrote: bool = False) -> Inode:

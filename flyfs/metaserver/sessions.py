@@ -16,7 +16,7 @@ import os
 import stat
 from dataclasses import dataclass
 
-from . import attrs, namespace
+from . import attrs, inline, namespace
 from . import schema as s
 from .common import Ctx, decode, decode_dir, has_sessions, load_full, put, touch_dir
 from .errors import check_ino, check_name, check_size, fail
@@ -86,10 +86,11 @@ def _new_session(ctx: Ctx, txn, who: Caller, ino: int, now: int) -> bytes:
 
 
 async def open(ctx: Ctx, who: Caller, ino: int, flags: int, path=None, base: int = ROOT_INO,
-               follow: bool = True) -> tuple[Inode, bytes | None]:
+               follow: bool = True, with_inline: bool = False) -> tuple:
     """Open inode `ino`, or with `path` what the path names from directory `base` (resolved
     in the same transaction, so what is opened is what the name means now): (attributes,
-    write session or None). O_TRUNC truncates to 0. A last symlink not followed: ELOOP."""
+    write session or None), and with `with_inline` a third item: the file's data while it
+    is inline (inline.py), else None. O_TRUNC truncates to 0. A last symlink not followed: ELOOP."""
     if path is None:
         check_ino(ino)
     f = parse_flags(flags)
@@ -103,19 +104,24 @@ async def open(ctx: Ctx, who: Caller, ino: int, flags: int, path=None, base: int
             node = await namespace.walk(txn, who, path, follow, base)
             if node.is_symlink:
                 raise fail(errno.ELOOP, f"{path!r} is a symbolic link (not followed)")
-        return node, open_node(ctx, txn, who, node, f, ctx.now())
+        session = open_node(ctx, txn, who, node, f, ctx.now())
+        data = await inline.load(txn, node.ino) if with_inline and node.is_reg else None
+        return node, session, data
 
-    node, session = await ctx.transact(fn)
+    node, session, data = await ctx.transact(fn)
     if f.trunc and node.is_reg:
         node = await attrs.truncate(ctx, who, node.ino, 0, session=session)
-    return node, session
+        if data is not None:
+            data = b""
+    return (node, session, inline.view(data, node.size)) if with_inline else (node, session)
 
 
 async def create(ctx: Ctx, who: Caller, parent: int, name, mode: int = 0o666, flags: int = os.O_RDWR,
-                 umask: int = 0, with_dir: bool = False) -> tuple:
+                 umask: int = 0, with_dir: bool = False, with_inline: bool = False) -> tuple:
     """Create and open a regular file (O_CREAT; EEXIST with O_EXCL, else open the existing one):
     (attributes, write session or None), and with `with_dir` a third item: the directory's
-    attributes right after a new file went in (None when the file existed)."""
+    attributes right after a new file went in (None when the file existed); with
+    `with_inline` a last item: the file's data while it is inline (inline.py), else None."""
     check_ino(parent)
     name = check_name(name, dots=errno.EEXIST)
     _, perm = check_create_mode(mode, umask, (0, stat.S_IFREG), "create")
@@ -136,19 +142,26 @@ async def create(ctx: Ctx, who: Caller, parent: int, name, mode: int = 0o666, fl
             node = await load_full(txn, s.decode_dentry(d_raw)[0])
             if node.is_dir:
                 raise fail(errno.EISDIR, f"{name!r} is a directory")
-            return node, open_node(ctx, txn, who, node, f, now), None
+            session = open_node(ctx, txn, who, node, f, now)
+            data = await inline.load(txn, node.ino) if with_inline and node.is_reg else None
+            return node, session, None, data
         check_dir_write(p, who)
         node = new_node(ino, p, who, stat.S_IFREG | perm, now, layout=file_layout(p.layout, table))
         put(txn, node)
         txn.set(s.dentry_key(parent, name), s.encode_dentry(ino, stat.S_IFREG))
         touch_dir(txn, parent, now)
+        data = inline.start(txn, ino) if ctx.config.inline_max else None
         # A new file: no access check on its own mode (creat(path, 0) may still write).
-        return node, _new_session(ctx, txn, who, ino, now) if f.write else None, p.with_(mtime=now, ctime=now)
+        return (node, _new_session(ctx, txn, who, ino, now) if f.write else None, p.with_(mtime=now, ctime=now),
+                data)
 
-    node, session, dir_after = await ctx.transact(fn)
+    node, session, dir_after, data = await ctx.transact(fn)
     if dir_after is None and f.trunc and node.is_reg:
         node = await attrs.truncate(ctx, who, node.ino, 0, session=session)
-    return (node, session, dir_after) if with_dir else (node, session)
+        if data is not None:
+            data = b""
+    out = (node, session, dir_after) if with_dir else (node, session)
+    return out + (inline.view(data, node.size),) if with_inline else out
 
 
 def _check_session(session) -> bytes:
@@ -217,6 +230,10 @@ async def sync(ctx: Ctx, who: Caller, ino: int, session: bytes | None = None,
     return await _report(ctx, who, ino, session, length, wrote, closing=False, durable=durable)
 
 
+async def _is_inline(txn, ino: int) -> bool:
+    return await txn.get(s.inline_key(ino)) is not None
+
+
 async def list_sessions(ctx: Ctx, ino: int | None = None) -> list[Session]:
     async def fn(txn):
         return [s.decode_session(k, v) async for k, v in txn.snapshot_get_range(*s.session_range(ino))]
@@ -246,7 +263,9 @@ async def expire_sessions(ctx: Ctx, limit: int = 64) -> int:
         except FileNotFoundError:
             node = None
         length = 0
-        if node is not None and node.is_reg and ctx.storage is not None:
+        if node is not None and node.is_reg and ctx.storage is not None \
+                and not await ctx.transact(lambda txn, ino=sess.ino: _is_inline(txn, ino)):
+            # (an inline file's size is always its writers' last word: nothing to ask storage)
             try:
                 length = await ctx.storage.query_last_chunk(sess.ino, node.layout)
             except Exception as e:  # storage down: try again on the next pass

@@ -169,6 +169,11 @@ class MetaStub:
                 request_serializer=meta__pb2.BatchReq.SerializeToString,
                 response_deserializer=meta__pb2.BatchReply.FromString,
                 _registered_method=True)
+        self.Inline = channel.unary_unary(
+                '/flyfs.meta.Meta/Inline',
+                request_serializer=meta__pb2.InlineReq.SerializeToString,
+                response_deserializer=meta__pb2.AttrReply.FromString,
+                _registered_method=True)
 
 
 class MetaServicer:
@@ -335,6 +340,12 @@ class MetaServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Inline(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MetaServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -467,6 +478,11 @@ def add_MetaServicer_to_server(servicer, server):
                     servicer.Batch,
                     request_deserializer=meta__pb2.BatchReq.FromString,
                     response_serializer=meta__pb2.BatchReply.SerializeToString,
+            ),
+            'Inline': grpc.unary_unary_rpc_method_handler(
+                    servicer.Inline,
+                    request_deserializer=meta__pb2.InlineReq.FromString,
+                    response_serializer=meta__pb2.AttrReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1176,6 +1192,33 @@ class Meta:
             '/flyfs.meta.Meta/Batch',
             meta__pb2.BatchReq.SerializeToString,
             meta__pb2.BatchReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Inline(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flyfs.meta.Meta/Inline',
+            meta__pb2.InlineReq.SerializeToString,
+            meta__pb2.AttrReply.FromString,
             options,
             channel_credentials,
             insecure,

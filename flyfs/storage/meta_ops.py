@@ -4,7 +4,7 @@
     MetaService(engine, storage=ops, ...)
 
 A file's chunk i is chunk (inode, i) on chain ``layout.chain_of(i)``; the
-three operations fan out to every distinct chain of the layout at once.
+operations fan out to every distinct chain of the layout at once.
 All of them are idempotent (truncate and removal may be retried, or run by
 two metadata servers at once).
 """
@@ -56,6 +56,14 @@ class ChunkStorageOps:
         if rest:
             # Cuts the chunk if it is longer; a missing chunk (a hole) stays missing.
             await self.client.truncate_chunk(layout.chain_of(index), inode, index, rest, chunk_size=cs)
+
+    async def write_data(self, inode: int, layout, offset: int, data: bytes) -> None:
+        """Write `data` at file offset `offset` (within one chunk): an inline file moving to chunks."""
+        _check(layout)
+        index, at = divmod(offset, layout.chunk_size)
+        if at + len(data) > layout.chunk_size:
+            raise ValueError(f"write [{offset}, {offset + len(data)}) crosses a chunk boundary")
+        await self.client.write(layout.chain_of(index), inode, index, at, data, chunk_size=layout.chunk_size)
 
     async def remove_chunks(self, inode: int, layout) -> int:
         """Remove every chunk of the file; returns how many were removed."""

@@ -148,3 +148,24 @@ def test_randomized_against_a_local_file(fly, fs, tmp_path, seed):
                 local.write_bytes(b"")
     finally:
         clients[1].close()
+
+
+def test_the_mounts_flush_of_a_small_file_needs_no_hop_to_the_loop(fly, fs):
+    """FUSE's flush of an inline file's one write buffer: a blocking metadata call from
+    the kernel's thread; what it does not cover (a buffer past inline_max) is left to flush."""
+    core = fs._core()
+    h = fs._run_core("open_handle", "/direct.bin", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        assert core.write_buffered(h, b"abc", 0) and core.write_buffered(h, b"def", 3)
+        assert core.flush_needed(h) and core.flush_direct(h)
+        assert not core.flush_needed(h)              # nothing buffered, the length reported
+        with fly.connect() as other:
+            assert other.read_bytes("/direct.bin") == b"abcdef"
+        assert core.write_buffered(h, b"x" * 100, fly.inline_max)   # ends past the limit
+        assert not core.flush_direct(h) and core.flush_needed(h)
+        fs._run_core("flush", h)
+        assert not core.flush_needed(h)
+    finally:
+        fs._run_core("close_handle", h)
+    assert fs.read_bytes("/direct.bin") == b"abcdef" + bytes(fly.inline_max - 6) + b"x" * 100
+    assert _inline_key(fly, fs.stat("/direct.bin").st_ino) is None

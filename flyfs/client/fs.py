@@ -1218,6 +1218,13 @@ class AsyncFileSystem:
         if failure is not None:
             raise failure
 
+    def close_needs_nothing(self, h: Handle) -> bool:
+        """Whether close_handle(h) has nothing to write, report or raise (callable from any
+        thread): then nobody need wait for it (FUSE's release, sent after close(2) returned)."""
+        st = h.state
+        return (not h.closed and not h.wrote and not st.unreported and not st.buffered and not st.inflight
+                and st.error is None and h.pid == os.getpid())
+
     async def fsync(self, h: Handle, datasync: bool = False) -> None:
         """Write out what is buffered, make the file's data durable on the disks of
         every replica, and report its length."""
@@ -1581,6 +1588,42 @@ class AsyncFileSystem:
         return h.closed or bool(st.buffered or st.inflight) or st.error is not None or \
             (h.session is not None and st.unreported)
 
+    def flush_direct(self, h: Handle) -> bool:
+        """flush() of an inline file whose only pending bytes are this handle's write buffer,
+        from the calling thread (a blocking metadata call, no hop to the loop): True when
+        done, False where that does not apply or did not work (then call flush, which
+        retries; writing the same bytes again is harmless)."""
+        st = h.state
+        call = getattr(self._s.meta, "write_inline_now", None)
+        if call is None or h.closed or h.session is None:
+            return False
+        with st.tlock:
+            wb = h.wbuf
+            if (st.inline is None or wb is None or st.inflight or st.error is not None
+                    or st.buffered != {h} or h.woff + len(wb) > st.inline_max):
+                return False
+            data, off = bytes(wb), h.woff
+        try:
+            r = call(h.ino, h.session, [(off, data)], user=h.who)
+        except OSError:
+            return False
+        if r is None or r[1] is None:
+            return False
+        node, inline = r
+        with st.tlock:
+            if h.wbuf is wb:   # (else the loop took the buffer meanwhile: it writes the same bytes)
+                if len(wb) == len(data):
+                    h.wbuf = None
+                    st.buffered.discard(h)
+                else:          # appended to meanwhile: the rest stays buffered
+                    h.wbuf, h.woff = bytearray(wb[len(data):]), off + len(data)
+            self._set_inline(st, inline, node.size)
+            if not st.buffered and not st.inflight:
+                h.wrote = False
+                st.unreported = False
+        self._saw(node)
+        return True
+
     async def flush(self, h: Handle) -> None:
         """close(2) of a descriptor (FUSE flush): buffered writes out, the length reported."""
         self._check_open(h)
@@ -1728,6 +1771,13 @@ class FileSystem:
     def _run_core(self, name: str, *args, **kw):
         core = self._core()
         return self._rt.run(getattr(core, name)(*args, **kw), self._config.op_timeout)
+
+    def _close_soon(self, h: Handle) -> None:
+        """close_handle(h) on the loop without waiting for it (see close_needs_nothing)."""
+        def done(f: concurrent.futures.Future) -> None:
+            if not f.cancelled() and f.exception() is not None:
+                log.warning("closing %s: %s", _show(h.path), f.exception())
+        self._rt.submit(self._core().close_handle(h)).add_done_callback(done)
 
     def _pread(self, h: Handle, buf, offset: int) -> int:
         """pread_into from this thread when it can (pread_direct), else on the loop."""

@@ -634,6 +634,15 @@ class MetaClient:
             writes=[pb.InlineWrite(offset=off, data=bytes(d)) for off, d in writes]), user)
         return wire.inode_of(r.attr), self._inline_of(r)
 
+    def write_inline_now(self, ino: int, session: bytes, writes, *, user: Caller | None = None):
+        """`write_inline` by call_now (the calling thread, no event loop): (attributes, data
+        or None), OSError, or None where the call could not be made (use write_inline).
+        Applying the same bytes again is harmless, so an unanswered call may be retried."""
+        r = self.call_now("Inline", lambda h: pb.InlineReq(
+            header=h, ino=ino, op=pb.InlineReq.WRITE, session=session,
+            writes=[pb.InlineWrite(offset=off, data=bytes(d)) for off, d in writes]), user)
+        return None if r is None else (wire.inode_of(r.attr), self._inline_of(r))
+
     async def spill(self, ino: int, *, user: Caller | None = None) -> Inode:
         """Have the server move a file's data to chunks (before writing chunks)."""
         r = await self._call("Inline", lambda h: pb.InlineReq(header=h, ino=ino, op=pb.InlineReq.SPILL), user)

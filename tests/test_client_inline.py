@@ -3,6 +3,7 @@ small file costs (no chunk write), growing past inline_max, truncation, two clie
 and a randomized run against a local shadow file around the threshold."""
 import os
 import random
+import time
 
 import pytest
 
@@ -169,3 +170,19 @@ def test_the_mounts_flush_of_a_small_file_needs_no_hop_to_the_loop(fly, fs):
         fs._run_core("close_handle", h)
     assert fs.read_bytes("/direct.bin") == b"abcdef" + bytes(fly.inline_max - 6) + b"x" * 100
     assert _inline_key(fly, fs.stat("/direct.bin").st_ino) is None
+
+
+def test_a_release_with_nothing_to_do_is_not_waited_for(fly, fs):
+    """close_needs_nothing: FUSE's release of a handle whose bytes and length are out."""
+    core = fs._core()
+    h = fs._run_core("open_handle", "/released.bin", os.O_WRONLY | os.O_CREAT, 0o644)
+    assert core.close_needs_nothing(h)
+    assert core.write_buffered(h, b"abc", 0)
+    assert not core.close_needs_nothing(h)           # buffered bytes: close must write them
+    assert core.flush_direct(h) and core.close_needs_nothing(h)
+    fs._close_soon(h)
+    deadline = time.monotonic() + 10
+    while h in core._s.handles:
+        assert time.monotonic() < deadline, "the close never ran"
+        time.sleep(0.01)
+    assert h.closed and fs.read_bytes("/released.bin") == b"abc"

@@ -99,6 +99,16 @@ def test_up_mount_and_api_roundtrip_then_restart(up, tmp_path):
     fs.write_bytes("/api/dir/via-api.bin", payload[::-1])
     with open(os.path.join(u.mount, "api/dir/via-api.bin"), "rb") as f:
         assert f.read() == payload[::-1]
+    # small files (held by the metadata service), one grown past the limit afterwards
+    small = {"tiny.txt": b"hi\n", "page.bin": os.urandom(4000), "grown.bin": os.urandom(3000)}
+    for name, data in small.items():
+        with open(os.path.join(u.mount, name), "wb") as f:
+            f.write(data)
+    with open(os.path.join(u.mount, "grown.bin"), "ab") as f:
+        f.write(payload[:10000])
+    small["grown.bin"] += payload[:10000]
+    fs.write_bytes("/api/small.bin", b"api small")
+    small["api/small.bin"] = b"api small"
     fs.close()
 
     u.stop()
@@ -106,6 +116,9 @@ def test_up_mount_and_api_roundtrip_then_restart(up, tmp_path):
     with open(os.path.join(u2.mount, "via-mount.bin"), "rb") as f:
         assert f.read() == payload
     assert sorted(os.listdir(os.path.join(u2.mount, "api/dir"))) == ["via-api.bin"]
+    for name, data in small.items():
+        with open(os.path.join(u2.mount, name), "rb") as f:
+            assert f.read() == data, name
 
 
 def test_kill9_storage_daemon_under_io_through_mount(up):

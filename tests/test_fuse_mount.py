@@ -564,3 +564,47 @@ def test_mount_reports_a_bad_cluster(tmp_path):
     r = subprocess.run([sys.executable, "-m", "flyfs.cli", "mount", "--cluster", "nonsense", str(mp)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "bad cluster address" in r.stderr
+
+
+def test_randomized_small_files_between_a_strict_mount_and_the_api(fly, fs, tmp_path):
+    """Writes, appends and truncates around inline_max, by a mount with no kernel attribute
+    or name caching (strict close-to-open) and by the API in turn, each closing before the
+    other opens; after every step both read back what a local file holds."""
+    import random
+    m = Mount(fly, tmp_path, options="attr_timeout=0,entry_timeout=0").start()
+    try:
+        rnd = random.Random(7)
+        limit = fly.inline_max
+        for k in range(3):
+            name = f"rand-{uuid.uuid4().hex[:6]}"
+            local, mounted, api = tmp_path / name, os.path.join(m.path, name), "/" + name
+            local.write_bytes(b"")
+            fs.write_bytes(api, b"")
+            for step in range(60):
+                via_mount = rnd.random() < 0.5
+                op = rnd.choice(["write", "write", "append", "truncate"])
+                size = local.stat().st_size
+                if op == "truncate":
+                    n = rnd.choice([0, rnd.randrange(limit + 100), size + 50])
+                    os.truncate(mounted, n) if via_mount else fs.truncate(api, n)
+                    os.truncate(local, n)
+                else:
+                    data = os.urandom(rnd.choice([1, 100, rnd.randrange(1, limit + 500)]))
+                    off = size if op == "append" else rnd.randrange(size + 1 if size < limit else limit)
+                    if via_mount:
+                        with open(mounted, "r+b") as f:
+                            f.seek(off)
+                            f.write(data)
+                    else:
+                        with fs.open(api, "r+b") as f:
+                            f.seek(off)
+                            f.write(data)
+                    with open(local, "r+b") as g:
+                        g.seek(off)
+                        g.write(data)
+                want = local.read_bytes()
+                with open(mounted, "rb") as f:
+                    assert f.read() == want, f"file {k} step {step} ({op}, mount read)"
+                assert fs.read_bytes(api) == want, f"file {k} step {step} ({op}, API read)"
+    finally:
+        m.stop()

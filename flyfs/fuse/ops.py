@@ -364,32 +364,40 @@ class FlyFuse(fusepy.Fuse):
         self.run("check_access", path, mode)
         return 0
 
+    # chmod, chown, truncate, utimens: libfuse's high-level API answers the kernel's SETATTR
+    # with a getattr of the path right after the operation; the attributes the operation's
+    # own transaction returned answer it (as the low-level API would reply with them), once,
+    # within DIR_AGE, while no other changing operation ran through the mount.
+    def _setattr(self, path, **kw):
+        fs = self.who()
+        n = fs._run_core("setattr", path, follow_symlinks=False, **kw)
+        if len(self._ahead) > 65536:
+            self._ahead.clear()
+        self._ahead[(fs.user, path)] = (n, _changes[0] + 1, time.monotonic() + DIR_AGE)
+        return 0
+
     @guard
     def chmod(self, path, mode):
-        self.run("chmod", path, mode, follow_symlinks=False)
-        return 0
+        return self._setattr(path, mode=mode & 0o7777)
 
     @guard
     def chown(self, path, uid, gid):
-        uid = -1 if uid in (-1, 0xFFFFFFFF) else uid
-        gid = -1 if gid in (-1, 0xFFFFFFFF) else gid
-        if uid == -1 and gid == -1:
+        uid = None if uid in (-1, 0xFFFFFFFF) else uid
+        gid = None if gid in (-1, 0xFFFFFFFF) else gid
+        if uid is None and gid is None:
             return 0
-        self.run("chown", path, uid, gid, follow_symlinks=False)
-        return 0
+        return self._setattr(path, uid=uid, gid=gid)
 
     @guard
     def truncate(self, path, size):
-        self.run("truncate", path, size)
-        return 0
+        return self._setattr(path, size=size)
 
     @guard
     def utimens(self, path, ts_acc, ts_mod):
         atime, mtime = _time(ts_acc), _time(ts_mod)
         if atime is None and mtime is None:
             return 0
-        self.run("setattr", path, follow_symlinks=False, atime=atime, mtime=mtime)
-        return 0
+        return self._setattr(path, atime=atime, mtime=mtime)
 
     @guard
     def statfs(self):

@@ -751,11 +751,11 @@ class AsyncFileSystem:
         except (FileNotFoundError, NotADirectoryError):
             return False
 
-    async def _setattr(self, path, follow: bool = True, **kw) -> Inode:
+    async def _setattr(self, path, follow: bool = True, ino: int | None = None, **kw) -> Inode:
         if isinstance(path, Handle):
             node_ino, shown = path.ino, path.path
         else:
-            node_ino, shown = (await self._node(path, follow)).ino, path
+            node_ino, shown = ino if ino is not None else (await self._node(path, follow)).ino, path
         st = self._s.files.get(node_ino) if kw.get("mtime") is not None else None
         if st is None:
             try:
@@ -800,14 +800,17 @@ class AsyncFileSystem:
             atime = mtime = NOW
         await self._setattr(path, follow_symlinks, atime=atime, mtime=mtime)
 
-    async def setattr(self, path, *, follow_symlinks: bool = True, **kw) -> Inode:
-        """Change attributes (mode, uid, gid, size, atime, mtime: ns ints or NOW); returns the inode."""
+    async def setattr(self, path, *, follow_symlinks: bool = True, ino: int | None = None, **kw) -> Inode:
+        """Change attributes (mode, uid, gid, size, atime, mtime: ns ints or NOW); returns the inode.
+        `ino`: the inode `path` names as the caller just saw it, so it is not resolved again
+        (the mount: from the kernel's lookup for this very call)."""
         if "size" in kw and kw["size"] is not None:
-            return await self.truncate(path, kw.pop("size"), **kw)
-        return await self._setattr(path, follow_symlinks, **kw)
+            return await self.truncate(path, kw.pop("size"), ino=ino, **kw)
+        return await self._setattr(path, follow_symlinks, ino=ino, **kw)
 
-    async def truncate(self, path, length: int, **kw) -> Inode:
-        """Set the length of a file (path or Handle); the gap of an extension reads as zeros."""
+    async def truncate(self, path, length: int, *, ino: int | None = None, **kw) -> Inode:
+        """Set the length of a file (path or Handle); the gap of an extension reads as zeros.
+        `ino`: as for setattr."""
         if length < 0:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), _show(getattr(path, "path", path)))
         if isinstance(path, Handle):
@@ -816,6 +819,8 @@ class AsyncFileSystem:
             if not h.writable:
                 raise OSError(errno.EINVAL, "file not open for writing", _show(h.path))
             ino, shown, session = h.ino, h.path, h.session
+        elif ino is not None:     # (the metadata service refuses a directory itself: EISDIR)
+            shown, session = path, None
         else:
             node = await self._node(path)
             if node.is_dir:

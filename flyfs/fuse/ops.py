@@ -264,6 +264,7 @@ class FlyFuse(fusepy.Fuse):
         self._ahead: dict[tuple, tuple] = {}    # ((uid, gids), path) -> (Inode, _changes then, until)
         self._listed: dict[tuple, tuple[int, float, int]] = {}  # ((uid, gids), dir) -> (ino, until, _changes)
         self._dirs_after: dict[tuple, tuple] = {}   # ((uid, gids), dir) -> (Inode, _dir_changes, until)
+        self._inos: dict[tuple, tuple] = {}         # ((uid, gids), path) -> (ino, _changes) of a getattr
         self.file_class = _file_class(self)
 
     # ---- who is asking ------------------------------------------------------------------------------
@@ -327,17 +328,25 @@ class FlyFuse(fusepy.Fuse):
     @guard
     def getattr(self, path):
         fs = self.who()
-        hit = self._ahead.pop((fs.user, path), None)
-        if hit is not None and hit[1] == _changes[0] and hit[2] > time.monotonic():
-            return fuse_stat(fs.core._overlay(hit[0]))
-        if self._dirs_after:
-            hit = self._dirs_after.pop((fs.user, path), None)
-            if hit is not None and hit[1] == _dir_changes[0] and hit[2] > time.monotonic():
-                return fuse_stat(hit[0])
-        n = fs.core.getattr_now(path, False)        # from this thread when it can
-        if n is None:
-            n = fs._run_core("getattr", path, False)
-        self._stat_ahead(fs, path)
+        key = (fs.user, path)
+        seen = _changes[0]
+        hit = self._ahead.pop(key, None)
+        if hit is not None and hit[1] == seen and hit[2] > time.monotonic():
+            n = fs.core._overlay(hit[0])
+        else:
+            n = None
+            if self._dirs_after:
+                hit = self._dirs_after.pop(key, None)
+                if hit is not None and hit[1] == _dir_changes[0] and hit[2] > time.monotonic():
+                    n = hit[0]
+            if n is None:
+                n = fs.core.getattr_now(path, False)        # from this thread when it can
+                if n is None:
+                    n = fs._run_core("getattr", path, False)
+                self._stat_ahead(fs, path)
+        if len(self._inos) > 65536:
+            self._inos.clear()
+        self._inos[key] = (n.ino, seen)   # for a chmod/chown/truncate/utimens that follows at once
         return fuse_stat(n)
 
     def _stat_ahead(self, fs: FileSystem, path: str) -> None:
@@ -368,12 +377,18 @@ class FlyFuse(fusepy.Fuse):
     # with a getattr of the path right after the operation; the attributes the operation's
     # own transaction returned answer it (as the low-level API would reply with them), once,
     # within DIR_AGE, while no other changing operation ran through the mount.
+    # The path is not resolved again when the kernel's lookup for this very call just
+    # answered it (no other changing operation ran through the mount in between: the
+    # guard's bump for this one only): the inode it named then is the one the kernel means.
     def _setattr(self, path, **kw):
         fs = self.who()
-        n = fs._run_core("setattr", path, follow_symlinks=False, **kw)
+        key = (fs.user, path)
+        seen = self._inos.pop(key, None)
+        ino = seen[0] if seen is not None and seen[1] == _changes[0] - 1 else None
+        n = fs._run_core("setattr", path, follow_symlinks=False, ino=ino, **kw)
         if len(self._ahead) > 65536:
             self._ahead.clear()
-        self._ahead[(fs.user, path)] = (n, _changes[0] + 1, time.monotonic() + DIR_AGE)
+        self._ahead[key] = (n, _changes[0] + 1, time.monotonic() + DIR_AGE)
         return 0
 
     @guard

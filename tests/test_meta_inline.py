@@ -170,11 +170,15 @@ async def test_concurrent_inline_writes_all_land(svc):
     assert got.size == 2000 and data == b"".join(bytes([65 + i]) * 100 for i in range(20))
 
 
-async def test_unlinking_an_inline_file_frees_it_at_once(svc):
+async def test_an_unlinked_inline_file_is_collected_with_no_storage_call(svc):
     node, session, _ = await _new(svc)
     await svc.write_inline(ALICE, node.ino, session, [(0, b"data")])
     await svc.close(ALICE, node.ino, session)
     await svc.unlink(ALICE, ROOT_INO, "f")
+    # still readable by whoever has it open, until GC
+    assert (await svc.read_inline(ALICE, node.ino))[1] == b"data"
+    assert await svc.gc_queue() == [node.ino]
+    await svc.run_gc_once()
     assert await svc.gc_queue() == [] and await _key(svc, node.ino) is None
     with pytest.raises(FileNotFoundError):
         await svc.getattr(ALICE, node.ino)

@@ -195,13 +195,11 @@ async def drop_link(txn: Transaction, node: Inode, now: int) -> None:
         put(txn, node.with_(nlink=nlink, ctime=now))
         return
     if node.is_reg:
-        if not await has_sessions(txn, node.ino):
-            raw = await txn.get(s.inline_key(node.ino))
-            if raw is not None and s.decode_inline(raw)[0] == 0:
-                await remove_inode(txn, node.ino)  # inline and never spilled: no chunk anywhere
-                return
-            txn.set(s.gc_key(node.ino), s.encode_i64(now))
+        # (an inline file too: it stays readable by those who have it open until GC frees it,
+        # with no call to storage when its data never went to chunks)
         put(txn, node.with_(nlink=0, ctime=now))
+        if not await has_sessions(txn, node.ino):
+            txn.set(s.gc_key(node.ino), s.encode_i64(now))
     else:
         await remove_inode(txn, node.ino)
 

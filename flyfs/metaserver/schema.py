@@ -50,7 +50,7 @@ stamps mtime and the length (flyfs/metaserver/inline.py). A write beyond it
 first moves the data to chunk 0 ("spill", by a metadata server: it takes the
 spill lease, writes the data to storage, then deletes the key if the data did
 not change meanwhile). ``spill`` is 0 while no spill ever started (no chunk can
-exist: unlink frees the inode at once), else the end of the current spiller's
+exist: GC frees the inode with no call to storage), else the end of the current spiller's
 lease. A file never becomes inline again once spilled.
 
 Directories keep their layout (chunk size, stripe) for new children; files

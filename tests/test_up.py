@@ -199,3 +199,10 @@ def test_a_daemon_that_dies_at_start_is_reported_with_its_reason(tmp_path):
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("meta exited with 1: flyfs meta: unknown KV engine URL 'nope://x'")
     assert str(tmp_path / "meta.log") in msg
+
+
+@pytest.mark.parametrize("bad", [["--inline-max", "70000"], ["--inline-max", "-1"], ["--sync-interval", "0"]])
+def test_flyfs_meta_refuses_a_bad_setting_in_one_line(bad):
+    r = subprocess.run([sys.executable, "-m", "flyfs.cli", "meta", "--kv", "memory://x", *bad],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("flyfs meta: "), r.stderr

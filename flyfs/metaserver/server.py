@@ -462,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"flyfs meta: {e.strerror or e}", file=sys.stderr)
         return 1
+    except ValueError as e:   # a bad setting (--inline-max, --sync-interval, ...): one line
+        print(f"flyfs meta: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1147,8 +1147,9 @@ class AsyncFileSystem:
             st.size = n.size
 
     @staticmethod
-    def _read_inline(st: _InodeState, data: bytes, offset: int, mv: memoryview) -> None:
-        part = data[offset:offset + len(mv)]
+    def _read_inline(data: bytes, offset: int, mv: memoryview) -> None:
+        """Fill `mv` with the inline bytes from `offset` (zeros past them, up to the size)."""
+        part = memoryview(data)[offset:offset + len(mv)]
         mv[:len(part)] = part
         if len(part) < len(mv):
             mv[len(part):] = bytes(len(mv) - len(part))   # zeros up to the size
@@ -1372,7 +1373,7 @@ class AsyncFileSystem:
         if n:
             data = h.state.inline
             if data is not None:
-                self._read_inline(h.state, data, offset, mv[:n])
+                self._read_inline(data, offset, mv[:n])
                 return n
             try:
                 await self._s.data.read(h.ino, h.layout, offset, mv[:n])
@@ -1401,7 +1402,7 @@ class AsyncFileSystem:
         if data is not None:
             if st.inline_size != size:
                 return None    # another client's change: pread_into gets the bytes again
-            self._read_inline(st, data, offset, mv[:n])
+            self._read_inline(data, offset, mv[:n])
             return n
         direct = getattr(self._s.data, "read_direct", None)
         if direct is None or not direct(h.ino, h.layout, offset, mv[:n]):
@@ -1653,7 +1654,7 @@ class AsyncFileSystem:
             lengths.append(n)
             data = h.state.inline
             if n and data is not None:
-                self._read_inline(h.state, data, offset, mv[:n])
+                self._read_inline(data, offset, mv[:n])
             elif n:
                 plan.append((h.ino, h.layout, offset, mv[:n]))
         if plan:

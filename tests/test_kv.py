@@ -332,6 +332,53 @@ async def test_rocksdb_relaxed_commit_is_visible_and_ordered(engine_url):
 
 
 @pytest.mark.parametrize("engine_url", ["rocksdb"], indirect=True)
+async def test_rocksdb_a_lone_commit_records_nothing_and_overlapping_ones_still_conflict(engine_url):
+    """An unsynced commit of the only running transaction is applied before any other can
+    begin: it keeps no version-map entry; one that overlaps another is still recorded, and
+    the other, having read what it wrote, is retried."""
+    e = open_engine(engine_url)
+    e.relax_commits(60)
+    try:
+        def bump(txn):
+            txn.durable = False
+            return txn.get(b"n")
+
+        async def incr(txn, pause=None):
+            txn.durable = False
+            v = int(await txn.get(b"n") or b"0")
+            if pause is not None:
+                await pause.wait()
+            txn.set(b"n", str(v + 1).encode())
+            return v
+
+        tracker = e._tracker
+        recorded = []
+        real_record = tracker.record
+
+        def record(muts):
+            recorded.append(muts)
+            return real_record(muts)
+        tracker.record = record
+        await e.transact(incr)
+        assert recorded == [] and tracker._mods == {} and tracker.applied == tracker.assigned
+        gate = asyncio.Event()
+        runs = []
+
+        async def slow(txn):
+            runs.append(1)
+            return await incr(txn, gate)
+        first = asyncio.ensure_future(e.transact(slow))
+        await asyncio.sleep(0.05)               # `slow` has read n = 1 and waits
+        await e.transact(incr)                  # n = 2, while `slow` runs: recorded
+        assert len(recorded) == 1 and b"n" in tracker._mods
+        gate.set()
+        assert await first == 2 and len(runs) == 2   # retried after reading a stale n
+        assert await e.transact(bump) == b"3"
+    finally:
+        await e.close()
+
+
+@pytest.mark.parametrize("engine_url", ["rocksdb"], indirect=True)
 async def test_rocksdb_relaxed_commits_are_synced_within_the_interval(engine_url):
     e = open_engine(engine_url)
     assert e.sync_commits and e.relax_commits(0.3) and not e.sync_commits

@@ -94,6 +94,19 @@ class ConflictTracker:
         self._log.append((v, keys))
         return v
 
+    def alone(self, rs: ReadSet) -> bool:
+        """Whether `rs`'s transaction is the only one running: a commit of it that is applied
+        before any other can begin needs no record (nobody started before it; the version
+        map entries would be pruned at its end)."""
+        return len(self._active) == 1 and self._active.get(rs.start) == 1
+
+    def applied_alone(self) -> int:
+        """A commit of the only running transaction, applied at once (see `alone`): the next
+        version, marked applied, with nothing recorded."""
+        self.assigned += 1
+        self.applied = self.assigned
+        return self.assigned
+
     def mark_applied(self, version: int) -> None:
         self.applied = max(self.applied, version)
         self._prune()

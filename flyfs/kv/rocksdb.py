@@ -204,19 +204,23 @@ class RocksDBEngine(Engine):
 
     async def _commit(self, rs, txn: Transaction):
         self._check_open()
-        self._tracker.validate(rs)
+        tracker = self._tracker
+        tracker.validate(rs)
         muts = txn.mutations()
-        version = self._tracker.record(muts)
         if self.sync_interval is not None and (self._syncer is None or self._syncer.done()):
             self._syncer = asyncio.ensure_future(self._sync_loop())
         if not txn.durable and not self._queue and (self._writer is None or self._writer.done()):
             # Unsynced with nothing queued ahead of it: written now, in WAL order, with
-            # no writer task and no loop iteration between the commit and its answer.
+            # no writer task and no loop iteration between the commit and its answer
+            # (so no other transaction can begin before it is applied: when none is
+            # running either, there is nobody its writes could conflict with).
+            version = tracker.applied_alone() if tracker.alone(rs) else tracker.record(muts)
             error = self._write(self._batch([muts]), False)
-            self._tracker.mark_applied(version)
+            tracker.mark_applied(version)
             if error:
                 raise error
             return
+        version = tracker.record(muts)
         fut = asyncio.get_running_loop().create_future()
         self._queue.append((version, muts, fut, txn.durable))
         if self._writer is None or self._writer.done():

@@ -1339,13 +1339,11 @@ class AsyncFileSystem:
         st = h.state
         if want_end > st.size and not st.unreported and \
                 (fresh or time.monotonic() - h.node_at > self._s.config.size_revalidate):
+            if st.inline is not None:
+                await self._fresh_inline(h)    # the bytes come with the new size
+                return st.size
             try:
-                if st.inline is not None:  # the bytes come with the new size
-                    n, data = await self._s.meta.read_inline(h.ino, user=self.who)
-                    if not (st.buffered or st.inflight or st.unreported):
-                        self._set_inline(st, data, n.size)
-                else:
-                    n = await self._s.meta.getattr(h.ino, user=self.who)
+                n = await self._s.meta.getattr(h.ino, user=self.who)
             except OSError as e:
                 raise _with_path(e, h.path) from None
             h.node, h.node_at = n, time.monotonic()

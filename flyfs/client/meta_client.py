@@ -629,18 +629,14 @@ class MetaClient:
                            user: Caller | None = None) -> tuple[Inode, bytes | None]:
         """Apply (offset, bytes) writes to a file whose data the server holds: (attributes,
         the data after), or data None: it does not (any more), nothing was written."""
-        r = await self._call("Inline", lambda h: pb.InlineReq(
-            header=h, ino=ino, op=pb.InlineReq.WRITE, session=session, durable=durable,
-            writes=[pb.InlineWrite(offset=off, data=bytes(d)) for off, d in writes]), user)
+        r = await self._call("Inline", _inline_write(ino, session, writes, durable), user)
         return wire.inode_of(r.attr), self._inline_of(r)
 
     def write_inline_now(self, ino: int, session: bytes, writes, *, user: Caller | None = None):
         """`write_inline` by call_now (the calling thread, no event loop): (attributes, data
         or None), OSError, or None where the call could not be made (use write_inline).
         Applying the same bytes again is harmless, so an unanswered call may be retried."""
-        r = self.call_now("Inline", lambda h: pb.InlineReq(
-            header=h, ino=ino, op=pb.InlineReq.WRITE, session=session,
-            writes=[pb.InlineWrite(offset=off, data=bytes(d)) for off, d in writes]), user)
+        r = self.call_now("Inline", _inline_write(ino, session, writes), user)
         return None if r is None else (wire.inode_of(r.attr), self._inline_of(r))
 
     async def spill(self, ino: int, *, user: Caller | None = None) -> Inode:
@@ -751,6 +747,13 @@ class MetaClient:
             else:
                 out.append(wire.inode_of(r.attr))
         return out
+
+
+def _inline_write(ino: int, session: bytes, writes, durable: bool = False):
+    """The builder (header -> InlineReq) of an Inline WRITE."""
+    writes = [pb.InlineWrite(offset=off, data=bytes(d)) for off, d in writes]
+    return lambda h: pb.InlineReq(header=h, ino=ino, op=pb.InlineReq.WRITE, session=session,
+                                  durable=durable, writes=writes)
 
 
 def _batch_op(name: str, h, kw: dict) -> pb.MetaOp:

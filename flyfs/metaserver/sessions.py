@@ -110,10 +110,14 @@ async def open(ctx: Ctx, who: Caller, ino: int, flags: int, path=None, base: int
 
     node, session, data = await ctx.transact(fn)
     if f.trunc and node.is_reg:
-        node = await attrs.truncate(ctx, who, node.ino, 0, session=session)
-        if data is not None:
-            data = b""
+        node, data = await _truncate_opened(ctx, who, node, session, data)
     return (node, session, inline.view(data, node.size)) if with_inline else (node, session)
+
+
+async def _truncate_opened(ctx: Ctx, who: Caller, node: Inode, session, data):
+    """O_TRUNC of an existing regular file just opened: (its attributes, its inline data) after."""
+    node = await attrs.truncate(ctx, who, node.ino, 0, session=session)
+    return node, (None if data is None else b"")
 
 
 async def create(ctx: Ctx, who: Caller, parent: int, name, mode: int = 0o666, flags: int = os.O_RDWR,
@@ -157,9 +161,7 @@ async def create(ctx: Ctx, who: Caller, parent: int, name, mode: int = 0o666, fl
 
     node, session, dir_after, data = await ctx.transact(fn)
     if dir_after is None and f.trunc and node.is_reg:
-        node = await attrs.truncate(ctx, who, node.ino, 0, session=session)
-        if data is not None:
-            data = b""
+        node, data = await _truncate_opened(ctx, who, node, session, data)
     out = (node, session, dir_after) if with_dir else (node, session)
     return out + (inline.view(data, node.size),) if with_inline else out
 
@@ -230,10 +232,6 @@ async def sync(ctx: Ctx, who: Caller, ino: int, session: bytes | None = None,
     return await _report(ctx, who, ino, session, length, wrote, closing=False, durable=durable)
 
 
-async def _is_inline(txn, ino: int) -> bool:
-    return await txn.get(s.inline_key(ino)) is not None
-
-
 async def list_sessions(ctx: Ctx, ino: int | None = None) -> list[Session]:
     async def fn(txn):
         return [s.decode_session(k, v) async for k, v in txn.snapshot_get_range(*s.session_range(ino))]
@@ -264,7 +262,7 @@ async def expire_sessions(ctx: Ctx, limit: int = 64) -> int:
             node = None
         length = 0
         if node is not None and node.is_reg and ctx.storage is not None \
-                and not await ctx.transact(lambda txn, ino=sess.ino: _is_inline(txn, ino)):
+                and await ctx.transact(lambda txn, ino=sess.ino: inline.load(txn, ino)) is None:
             # (an inline file's size is always its writers' last word: nothing to ask storage)
             try:
                 length = await ctx.storage.query_last_chunk(sess.ino, node.layout)
